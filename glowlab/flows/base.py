@@ -1,0 +1,63 @@
+"""The contract every flow layer follows, and a composite of layers."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+from torch import Tensor, nn
+
+
+class Flow(nn.Module):
+    """A bijection with a tractable log-determinant.
+
+    ``forward(x) -> (y, logdet)`` maps data towards the latent space (the normalizing direction);
+    ``logdet`` has shape ``(B,)`` and is ``log|det dy/dx|`` per example. ``inverse(y) -> x``
+    undoes ``forward`` exactly.
+
+    References: Rezende & Mohamed, "Variational Inference with Normalizing Flows", ICML 2015.
+    """
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def inverse(self, y: Tensor) -> Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+class FlowSequence(Flow):
+    """Layers applied in order; the log-determinants add up.
+
+    References: Dinh et al., "NICE: Non-linear Independent Components Estimation", 2014.
+    """
+
+    def __init__(self, layers: Iterable[Flow]) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        logdet = x.new_zeros(x.shape[0])
+        for layer in self.layers:
+            x, ld = layer(x)
+            logdet = logdet + ld
+        return x, logdet
+
+    def inverse(self, y: Tensor) -> Tensor:
+        for layer in reversed(self.layers):
+            y = layer.inverse(y)
+        return y
+
+
+def sum_except_batch(x: Tensor) -> Tensor:
+    """Sum over every dimension but the first: a per-example total of shape ``(B,)``."""
+    return x.reshape(x.shape[0], -1).sum(dim=1)
+
+
+def constant_logdet(value: Tensor, x: Tensor) -> Tensor:
+    """Broadcast a data-independent log-determinant (a scalar) to shape ``(B,)``."""
+    return value.expand(x.shape[0]).to(x.dtype)
+
+
+def standard_normal_log_prob(z: Tensor) -> Tensor:
+    """Log-density of ``z`` under N(0, I), summed per example: shape ``(B,)``."""
+    return sum_except_batch(-0.5 * (z * z + math.log(2 * math.pi)))

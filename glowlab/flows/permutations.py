@@ -1,0 +1,62 @@
+"""Fixed channel permutations, and the factory that names every channel-mixing layer."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from glowlab.flows.base import Flow
+from glowlab.flows.conv1x1 import InvConv1x1, InvConv1x1LU
+
+PERMUTATIONS = ("lu", "conv", "reverse", "shuffle")
+
+
+class ChannelPermutation(Flow):
+    """``y = x[:, perm]``: volume preserving, so ``logdet = 0``.
+
+    References: Dinh et al., "Density estimation using Real NVP", ICLR 2017.
+    """
+
+    def __init__(self, perm: Tensor) -> None:
+        super().__init__()
+        self.register_buffer("perm", perm)
+        self.register_buffer("inv_perm", torch.argsort(perm))
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return x[:, self.perm], x.new_zeros(x.shape[0])
+
+    def inverse(self, y: Tensor) -> Tensor:
+        return y[:, self.inv_perm]
+
+
+class Reverse(ChannelPermutation):
+    """Reverses the channel order, as in RealNVP; the halves swap roles at every step.
+
+    References: Dinh et al., "Density estimation using Real NVP", ICLR 2017.
+    """
+
+    def __init__(self, num_channels: int) -> None:
+        super().__init__(torch.arange(num_channels - 1, -1, -1))
+
+
+class Shuffle(ChannelPermutation):
+    """A fixed random channel permutation drawn once at construction.
+
+    References: Kingma & Dhariwal, "Glow: Generative Flow with Invertible 1x1 Convolutions", 2018.
+    """
+
+    def __init__(self, num_channels: int, generator: torch.Generator | None = None) -> None:
+        super().__init__(torch.randperm(num_channels, generator=generator))
+
+
+def make_permutation(name: str, num_channels: int, generator: torch.Generator | None = None) -> Flow:
+    """The channel-mixing layer called ``name``: one of ``"lu"``, ``"conv"``, ``"reverse"``, ``"shuffle"``."""
+    if name == "lu":
+        return InvConv1x1LU(num_channels, generator)
+    if name == "conv":
+        return InvConv1x1(num_channels, generator)
+    if name == "reverse":
+        return Reverse(num_channels)
+    if name == "shuffle":
+        return Shuffle(num_channels, generator)
+    raise ValueError(f"permutation={name!r} is not one of {', '.join(map(repr, PERMUTATIONS))}")

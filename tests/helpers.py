@@ -1,0 +1,39 @@
+"""Shared test utilities: brute-force Jacobians and parameter perturbation."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+
+def flat(out: Tensor | list[Tensor]) -> Tensor:
+    """A layer's output (a tensor or a list of per-level latents) as (B, D)."""
+    if isinstance(out, Tensor):
+        return out.reshape(out.shape[0], -1)
+    return torch.cat([z.reshape(z.shape[0], -1) for z in out], dim=1)
+
+
+def per_example_slogdet(fn: Callable[[Tensor], Tensor | list[Tensor]], x: Tensor) -> Tensor:
+    """log|det| of the Jacobian of ``fn`` at each example of ``x``, by autograd, shape (B,).
+
+    ``fn`` acts on a batch; examples are independent, so the full Jacobian is block diagonal and
+    each example's block is read off it.
+    """
+    b = x.shape[0]
+    jac = torch.autograd.functional.jacobian(lambda inp: flat(fn(inp)), x)  # (B, D_out, *x.shape)
+    jac = jac.reshape(b, -1, b, x[0].numel())  # (B, D_out, B, D_in)
+    blocks = torch.stack([jac[i, :, i, :] for i in range(b)])  # (B, D_out, D_in)
+    sign, logabsdet = torch.linalg.slogdet(blocks)
+    assert torch.all(sign != 0), "Jacobian is singular"
+    return logabsdet
+
+
+@torch.no_grad()
+def perturb(module: nn.Module, scale: float = 0.1, seed: int = 0) -> nn.Module:
+    """Add noise to every parameter so zero-initialised layers stop being the identity."""
+    gen = torch.Generator().manual_seed(seed)
+    for p in module.parameters():
+        p.add_(scale * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    return module

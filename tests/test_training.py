@@ -1,0 +1,212 @@
+"""Lightning layer and CLI: configs, the digits main job end to end, test/validate/sample commands."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from PIL import Image
+
+from glowlab.cli import GlowCLI, main
+from glowlab.training import GlowModule, ImageArrayDataModule, SampleGrid
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+
+
+def test_there_are_configs() -> None:
+    assert {p.stem for p in CONFIGS} >= {"digits", "cifar10", "celebahq256", "imagenet32", "imagenet64"}
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_every_config_instantiates(config: Path, tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    cli = GlowCLI(GlowModule, ImageArrayDataModule, args=["--config", str(config), *QUIET], run=False)
+    model, data = cli.model, cli.datamodule
+    assert tuple(model.hparams.image_shape) == data.image_shape
+    assert model.hparams.n_bins == data.n_bins
+    assert isinstance(cli.trainer, L.Trainer) and cli.trainer.checkpoint_callback.monitor == "val_bpd"
+    assert any(isinstance(c, SampleGrid) for c in cli.trainer.callbacks)
+    assert sum(p.numel() for p in model.parameters()) > 0
+
+
+def test_paper_configs_match_the_paper(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    expected = {
+        "cifar10": (3, 32, "affine", (3, 32, 32), 256),
+        "imagenet32": (3, 48, "affine", (3, 32, 32), 256),
+        "imagenet64": (4, 48, "affine", (3, 64, 64), 256),
+        "celebahq256": (6, 32, "additive", (3, 256, 256), 32),
+    }
+    for name, (levels, steps, coupling, shape, n_bins) in expected.items():
+        path = next(p for p in CONFIGS if p.stem == name)
+        hp = GlowCLI(GlowModule, ImageArrayDataModule, args=["--config", str(path)], run=False).model.hparams
+        assert (hp.levels, hp.steps, hp.coupling, tuple(hp.image_shape), hp.n_bins) == (
+            levels,
+            steps,
+            coupling,
+            shape,
+            n_bins,
+        )
+        assert hp.hidden_channels == 512 and hp.permutation == "lu"
+
+
+def _val_bpd(module: GlowModule, data: ImageArrayDataModule) -> float:
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    return trainer.validate(module, datamodule=data, verbose=False)[0]["val_bpd"]
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory) -> Path:
+    """A short run of the digits main job through the CLI, as a user would start it."""
+    root = tmp_path_factory.mktemp("run")
+    config = next(p for p in CONFIGS if p.stem == "digits")
+    main(
+        [
+            "fit",
+            "--config",
+            str(config),
+            "--trainer.max_steps",
+            "200",
+            "--trainer.logger.init_args.save_dir",
+            str(root),
+            *QUIET,
+        ]
+    )
+    return root / "digits" / "version_0"
+
+
+def test_fit_on_digits_writes_checkpoints_samples_and_test_bpd(digits_run: Path) -> None:
+    assert (digits_run / "checkpoints" / "best.ckpt").is_file()
+    assert (digits_run / "checkpoints" / "last.ckpt").is_file()
+    assert (digits_run / "config.yaml").is_file()
+    grid = Image.open(digits_run / "samples" / "final.png")
+    # 6 temperatures x 10 samples of 8x8 digits enlarged to 32x32, 2-pixel padding.
+    assert grid.size == (10 * 34 + 2, 6 * 34 + 2)
+    results = json.loads((digits_run / "test_results.json").read_text())
+    assert results["num_test_images"] == 359 and math.log2(17) > results["test_bpd"] > 0
+    last = torch.load(digits_run / "checkpoints" / "last.ckpt", weights_only=False)
+    assert last["global_step"] == 200
+
+
+def test_fit_lowers_val_bpd_below_the_untrained_model(digits_run: Path) -> None:
+    data = ImageArrayDataModule(eval_batch_size=512)
+    data.setup("fit")
+    trained = GlowModule.load_from_checkpoint(digits_run / "checkpoints" / "best.ckpt")
+    torch.manual_seed(0)
+    untrained = GlowModule(**{k: v for k, v in trained.hparams.items() if k != "_instantiator"})
+    with torch.no_grad():  # the data-dependent ActNorm init that training starts from
+        untrained.model.train().evaluate(data.on_after_batch_transfer(next(iter(data.train_dataloader())), 0)[0])
+    before, after = _val_bpd(untrained, data), _val_bpd(trained, data)
+    assert after < before - 0.5, (before, after)
+
+
+def test_test_and_validate_subcommands(digits_run: Path, tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    config = str(next(p for p in CONFIGS if p.stem == "digits"))
+    ckpt = str(digits_run / "checkpoints" / "best.ckpt")
+    common = ["--config", config, "--ckpt_path", ckpt, "--trainer.logger.init_args.save_dir", str(tmp_path), *QUIET]
+    main(["test", *common])
+    tested = json.loads((tmp_path / "digits" / "version_0" / "test_results.json").read_text())
+    fitted = json.loads((digits_run / "test_results.json").read_text())
+    assert tested["checkpoint"] == ckpt
+    # The same checkpoint on the same images; only the dequantization noise differs.
+    assert abs(tested["test_bpd"] - fitted["test_bpd"]) < 0.05
+    main(["validate", *common])
+
+
+def test_sample_command_writes_a_grid(digits_run: Path, tmp_path) -> None:
+    out = tmp_path / "grid.png"
+    main(
+        [
+            "sample",
+            "--ckpt",
+            str(digits_run / "checkpoints" / "last.ckpt"),
+            "--num-samples",
+            "16",
+            "--temperature",
+            "0.7",
+            "--out",
+            str(out),
+        ]
+    )
+    assert Image.open(out).size == (4 * 34 + 2, 4 * 34 + 2)
+    sweep = tmp_path / "sweep.png"
+    main(
+        [
+            "sample",
+            "--ckpt",
+            str(digits_run / "checkpoints" / "last.ckpt"),
+            "--num-samples",
+            "5",
+            "--temperature",
+            "0",
+            "0.5",
+            "1",
+            "--out",
+            str(sweep),
+        ]
+    )
+    assert Image.open(sweep).size == (5 * 34 + 2, 3 * 34 + 2)
+    with pytest.raises(SystemExit):
+        main(["sample", "--ckpt", str(tmp_path / "missing.ckpt")])
+
+
+def test_console_script_help() -> None:
+    out = subprocess.run([sys.executable, "-m", "glowlab", "--help"], capture_output=True, text=True, check=True).stdout
+    assert "fit" in out and "sample" in out
+    out = subprocess.run(
+        [sys.executable, "-m", "glowlab", "sample", "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    assert "--temperature" in out
+
+
+def test_class_conditional_training_step_logs_class_loss() -> None:
+    data = ImageArrayDataModule(batch_size=32)
+    module = GlowModule(
+        image_shape=(1, 8, 8), n_bins=17, levels=2, steps=2, hidden_channels=16, num_classes=10, warmup_steps=10
+    )
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        limit_train_batches=3,
+        limit_val_batches=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(module, datamodule=data)
+    metrics = trainer.logged_metrics
+    assert {"train_bpd_step", "train_class_bits_step", "grad_norm", "val_bpd", "val_class_acc"} <= set(metrics)
+    assert torch.isfinite(metrics["grad_norm"])
+
+
+def test_conditional_model_rejects_unlabelled_or_out_of_range_data(tmp_path) -> None:
+    module = GlowModule(image_shape=(1, 8, 8), n_bins=17, levels=2, steps=1, hidden_channels=8, num_classes=5)
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False
+    )
+    with pytest.raises(ValueError, match=r"num_classes=5 but the data has labels up to 9"):
+        trainer.fit(module, datamodule=ImageArrayDataModule(batch_size=32))
+
+
+def test_warmup_is_linear_in_steps() -> None:
+    module = GlowModule(image_shape=(1, 8, 8), n_bins=17, levels=1, steps=1, hidden_channels=4, lr=1e-3, warmup_steps=4)
+    config = module.configure_optimizers()
+    optimizer, schedule = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    assert isinstance(optimizer, torch.optim.Adamax)
+    lrs = []
+    for _ in range(6):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    assert lrs == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3])
+    with pytest.raises(ValueError, match=r"model.optimizer='sgd'"):
+        GlowModule(optimizer="sgd")
