@@ -21,7 +21,10 @@ sample (`glowlab sample --help`: a PNG grid from a checkpoint)."""
 
 
 class GlowCLI(LightningCLI):
-    """LightningCLI with the data's image shape and bin count wired into the model."""
+    """LightningCLI with the data's image shape and bin count wired into the model.
+
+    References: Kingma & Dhariwal, "Glow: Generative Flow with Invertible 1x1 Convolutions", 2018.
+    """
 
     def add_arguments_to_parser(self, parser) -> None:
         # The data decides what the model sees: one source of truth for shape and quantization.

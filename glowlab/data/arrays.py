@@ -16,7 +16,11 @@ DIGITS_SHAPE = (1, 8, 8)
 
 @dataclass(frozen=True)
 class ImageArrays:
-    """Integer images of shape (N, C, H, W) with levels in ``{0, ..., n_bins - 1}``, and labels."""
+    """Integer images of shape (N, C, H, W) with levels in ``{0, ..., n_bins - 1}``, and labels.
+
+    References: Theis et al., "A note on the evaluation of generative models", ICLR 2016 (why
+    discrete levels are kept and dequantized only when a model sees them).
+    """
 
     images: Tensor
     labels: Tensor | None

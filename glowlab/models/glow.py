@@ -22,7 +22,10 @@ from glowlab.flows import (
 
 
 class GlowOutput(NamedTuple):
-    """Everything one encoding pass yields; ``class_logits`` is None for unconditional models."""
+    """Everything one encoding pass yields; ``class_logits`` is None for unconditional models.
+
+    References: Kingma & Dhariwal, "Glow: Generative Flow with Invertible 1x1 Convolutions", 2018.
+    """
 
     zs: list[Tensor]
     logdet: Tensor

@@ -103,6 +103,8 @@ class GlowCheckpoint(ModelCheckpoint):
 
     Lightning saves ``last`` at validation or epoch ends only, so a run that reaches ``max_steps``
     between them would otherwise lose its final steps; this writes them at the end of training.
+
+    References: Kingma & Dhariwal, "Glow: Generative Flow with Invertible 1x1 Convolutions", 2018.
     """
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
