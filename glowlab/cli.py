@@ -3,62 +3,17 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
-import torch
-from lightning.pytorch.cli import LightningCLI
-
-from glowlab.training.callbacks import sample_grid, save_sample_grid
-from glowlab.training.datamodule import ImageArrayDataModule
-from glowlab.training.module import GlowModule
+from glowlab.data.prepare import PAYLOADS, RESAMPLE, PrepareOptions, prepare
+from glowlab.data.sources import SOURCES, load_source
 
 DESCRIPTION = """glowlab: train and evaluate multiscale Glow models.
 
-subcommands: fit, validate, test, predict (LightningCLI; see `glowlab fit --help`) and
+subcommands: fit, validate, test, predict (LightningCLI; see `glowlab fit --help`),
+prepare (`glowlab prepare --help`: write a data set as shards) and
 sample (`glowlab sample --help`: a PNG grid from a checkpoint)."""
-
-
-class GlowCLI(LightningCLI):
-    """LightningCLI with the data's image shape and bin count wired into the model.
-
-    References: Kingma & Dhariwal, "Glow: Generative Flow with Invertible 1x1 Convolutions", 2018.
-    """
-
-    def add_arguments_to_parser(self, parser) -> None:
-        # The data decides what the model sees: one source of truth for shape and quantization.
-        parser.link_arguments("data.image_shape", "model.image_shape", apply_on="instantiate")
-        parser.link_arguments("data.n_bins", "model.n_bins", apply_on="instantiate")
-        parser.add_argument(
-            "--test_after_fit",
-            type=bool,
-            default=False,
-            help="After fit, evaluate the best checkpoint (by val_bpd) on the test split.",
-        )
-
-    def after_fit(self) -> None:
-        if not self.config[self.subcommand].get("test_after_fit"):
-            return
-        checkpoint = self.trainer.checkpoint_callback
-        best = checkpoint.best_model_path if checkpoint is not None else ""
-        self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best or None)
-        self._write_test_results(best or "final weights")
-
-    def after_test(self) -> None:
-        self._write_test_results(str(self.config[self.subcommand].get("ckpt_path")))
-
-    def _write_test_results(self, checkpoint: str) -> None:
-        if not self.trainer.is_global_zero or "test_bpd" not in self.trainer.callback_metrics:
-            return
-        results = {
-            "test_bpd": float(self.trainer.callback_metrics["test_bpd"]),
-            "num_test_images": len(self.datamodule.datasets["test"]),
-            "checkpoint": checkpoint,
-        }
-        path = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "test_results.json"
-        path.write_text(json.dumps(results, indent=2) + "\n")
-        print(f"test bits/dim {results['test_bpd']:.4f} on {results['num_test_images']} images -> {path}")
 
 
 def sample_main(argv: list[str]) -> Path:
@@ -69,8 +24,15 @@ def sample_main(argv: list[str]) -> Path:
     parser.add_argument("--temperature", type=float, nargs="+", default=[0.7], help="one or more temperatures")
     parser.add_argument("--out", type=Path, default=Path("samples.png"), help="output PNG")
     parser.add_argument("--seed", type=int, default=0, help="seed of the latent noise")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     args = parser.parse_args(argv)
+    # Torch and Lightning load only for the subcommands that need them: `prepare` starts fast.
+    import torch
+
+    from glowlab.training.callbacks import sample_grid, save_sample_grid
+    from glowlab.training.module import GlowModule
+
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if not args.ckpt.is_file():
         parser.error(f"--ckpt {args.ckpt}: no such file")
     if args.num_samples < 1:
@@ -83,15 +45,61 @@ def sample_main(argv: list[str]) -> Path:
     return path
 
 
+def prepare_main(argv: list[str]) -> dict:
+    """``glowlab prepare``: write an image source as WebDataset shards and a manifest."""
+    parser = argparse.ArgumentParser(prog="glowlab prepare", description=prepare_main.__doc__)
+    parser.add_argument("source", choices=SOURCES, help="kind of source")
+    parser.add_argument("path", nargs="?", help="the source's file or folder (not for digits)")
+    parser.add_argument("--out", type=Path, help="output folder (default: data/SOURCE)")
+    parser.add_argument("--resolution", type=int, help="resize the shorter side and centre-crop to this size")
+    parser.add_argument("--resample", choices=RESAMPLE, default="box", help="downsampling filter (antialiased)")
+    parser.add_argument("--payload", choices=PAYLOADS, default="png", help="lossless image encoding in the shards")
+    parser.add_argument("--shard-size", type=int, default=5000, help="images per shard")
+    parser.add_argument("--val-fraction", type=float, default=0.1, help="share of the training images for validation")
+    parser.add_argument("--test-fraction", type=float, default=0.2, help="share for test (ignored for CIFAR: official)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the split")
+    parser.add_argument("--n-bits", type=int, help="bits per channel to train with, recorded as a hint")
+    parser.add_argument("--channels", type=int, choices=(1, 3), default=3, help="folder sources: grey or RGB")
+    parser.add_argument("--workers", type=int, default=1, help="processes writing shards in parallel")
+    parser.add_argument("--overwrite", action="store_true", help="replace a different earlier preparation in --out")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    if args.source != "digits" and args.path is None:
+        parser.error(f"source {args.source} needs a path")
+    options = PrepareOptions(
+        resolution=args.resolution,
+        resample=args.resample,
+        payload=args.payload,
+        shard_size=args.shard_size,
+        val_fraction=args.val_fraction,
+        test_fraction=args.test_fraction,
+        seed=args.seed,
+        n_bits_hint=args.n_bits,
+    )
+    source = load_source(args.source, args.path, args.channels)
+    out = args.out or Path("data") / args.source
+    manifest = prepare(source, out, options, workers=args.workers, overwrite=args.overwrite, progress=not args.quiet)
+    counts = ", ".join(f"{k} {v['count']}" for k, v in manifest["splits"].items())
+    print(f"{out}: {counts} images of shape {tuple(manifest['image_shape'])}")
+    return manifest
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``glowlab`` console script."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["sample"]:
         sample_main(argv[1:])
         return
+    if argv[:1] == ["prepare"]:
+        prepare_main(argv[1:])
+        return
+    from glowlab.training.cli import GlowCLI
+    from glowlab.training.datamodule import ShardDataModule
+    from glowlab.training.module import GlowModule
+
     GlowCLI(
         GlowModule,
-        ImageArrayDataModule,
+        ShardDataModule,
         args=argv,
         parser_kwargs={"description": DESCRIPTION},
         save_config_kwargs={"overwrite": False},

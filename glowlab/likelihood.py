@@ -35,11 +35,27 @@ def reduce_bits(images: Tensor, n_bits: int) -> Tensor:
     return torch.div(images, 2 ** (8 - n_bits), rounding_mode="floor")
 
 
-def dequantize(levels: Tensor, n_bins: int, generator: torch.Generator | None = None) -> Tensor:
-    """``(k + u) / n_bins - 0.5`` with ``u ~ U[0, 1)``: float images in [-0.5, 0.5)."""
+def dequantize(
+    levels: Tensor, n_bins: int, generator: torch.Generator | None = None, noise: Tensor | None = None
+) -> Tensor:
+    """``(k + u) / n_bins - 0.5`` with ``u ~ U[0, 1)``: float images in [-0.5, 0.5).
+
+    ``u`` is drawn from ``generator`` unless ``noise`` (values in [0, 1), shaped like ``levels``)
+    is given.
+    """
     k = levels.to(torch.get_default_dtype())
-    u = torch.rand(k.shape, generator=generator, dtype=k.dtype, device=k.device)
+    u = torch.rand(k.shape, generator=generator, dtype=k.dtype, device=k.device) if noise is None else noise.to(k)
     return (k + u) / n_bins - 0.5
+
+
+def per_sample_uniform(indices: Tensor, shape: tuple[int, ...], seed: int = 0) -> Tensor:
+    """Uniform noise of ``shape`` per sample, fixed by ``(seed, index)``: shape ``(len(indices), *shape)``.
+
+    Evaluation uses it so that a sample's dequantization does not depend on batch size, worker or
+    rank layout: bits/dim on a test set is the same number on one process or on many.
+    """
+    rows = [torch.rand(shape, generator=torch.Generator().manual_seed(seed * 2**32 + int(i))) for i in indices.tolist()]
+    return torch.stack(rows) if rows else torch.empty(0, *shape)
 
 
 def bin_centers(levels: Tensor, n_bins: int) -> Tensor:

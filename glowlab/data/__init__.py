@@ -1,5 +1,18 @@
-"""Image data as integer levels, with no model code and no training framework."""
+"""Data preparation and reading, with no model code and no training framework."""
 
-from glowlab.data.arrays import DIGITS_N_BINS, ImageArrays, load_digits_images, load_npz_images, split_indices
+from glowlab.data.prepare import PrepareOptions, prepare
+from glowlab.data.shards import Augment, DataError, ShardStream, read_manifest, shard_urls
+from glowlab.data.sources import SOURCES, ImageSource, load_source
 
-__all__ = ["DIGITS_N_BINS", "ImageArrays", "load_digits_images", "load_npz_images", "split_indices"]
+__all__ = [
+    "SOURCES",
+    "Augment",
+    "DataError",
+    "ImageSource",
+    "PrepareOptions",
+    "ShardStream",
+    "load_source",
+    "prepare",
+    "read_manifest",
+    "shard_urls",
+]

@@ -1,101 +1,127 @@
-"""LightningDataModule over in-memory image arrays (digits or a user .npz)."""
+"""LightningDataModule over prepared WebDataset shards."""
 
 from __future__ import annotations
 
+import multiprocessing
 from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
-from glowlab.data import DIGITS_N_BINS, ImageArrays, load_digits_images, load_npz_images, split_indices
-from glowlab.data.arrays import DIGITS_SHAPE
-from glowlab.likelihood import dequantize, reduce_bits
+from glowlab.data.shards import BAD_SAMPLE_POLICIES, Augment, ShardStream, read_manifest, shard_urls
+from glowlab.likelihood import dequantize, per_sample_uniform
 
 
-class ImageArrayDataModule(L.LightningDataModule):
-    """Integer images held in memory, split deterministically, dequantized per batch on the device.
+class ShardDataModule(L.LightningDataModule):
+    """Train/val/test batches from a data set written by ``glowlab prepare``.
 
-    ``source="digits"`` is scikit-learn's bundled 8x8 digits (17 grey levels, ``n_bins = 17``; no
-    ``n_bits``). Any other ``source`` is a path to an ``.npz`` with uint8 ``images`` of
-    ``image_shape`` and optional ``labels``; ``n_bits`` (default 8) keeps the top bits. Nothing is
-    read until ``setup``, so a config instantiates without its data present. Batches leave the
-    loader as integer levels and are dequantized after the transfer to the device.
+    ``root`` is the folder (or URL / ``pipe:`` prefix) holding ``manifest.json`` and the shards. The
+    manifest fixes the image shape, class count and grey levels; ``n_bits`` (default: the
+    manifest's hint, else all levels) keeps the top bits of 8-bit data. Batches leave the loader as
+    integer levels and are dequantized after the transfer to the device: fresh noise per training
+    batch, and noise fixed per sample (by ``eval_noise_seed`` and the sample index) for validation
+    and test, so their bits/dim do not depend on the number of devices or workers. ``hflip`` and
+    ``max_shift`` augment training images; ``bad_samples="skip"`` skips and counts bad samples
+    instead of stopping. ``epoch_size`` (samples per epoch, default the training split) sets how
+    many batches make an epoch; every rank runs the same number.
 
     References: Kingma & Dhariwal, "Glow: Generative Flow with Invertible 1x1 Convolutions", 2018.
     """
 
     def __init__(
         self,
-        source: str = "digits",
-        image_shape: tuple[int, int, int] | None = None,
-        n_bits: int | None = None,
-        val_fraction: float = 0.1,
-        test_fraction: float = 0.2,
-        split_seed: int = 0,
+        root: str = "data/digits",
         batch_size: int = 64,
         eval_batch_size: int = 256,
         num_workers: int = 0,
+        shuffle_buffer: int = 1000,
+        n_bits: int | None = None,
+        hflip: bool = False,
+        max_shift: int = 0,
+        bad_samples: str = "error",
+        epoch_size: int | None = None,
+        seed: int = 0,
+        eval_noise_seed: int = 0,
     ) -> None:
         super().__init__()
-        if source == "digits":
-            if n_bits is not None:
-                raise ValueError(
-                    "data.n_bits: the digits have 17 grey levels and are modelled as they are; leave n_bits unset"
-                )
-            if image_shape is not None and tuple(image_shape) != DIGITS_SHAPE:
-                raise ValueError(f"data.image_shape: the digits are {DIGITS_SHAPE}, got {tuple(image_shape)}")
-            image_shape, self.n_bins = DIGITS_SHAPE, DIGITS_N_BINS
-        else:
-            if image_shape is None:
-                raise ValueError(f"data.image_shape is required for source={source!r}")
-            n_bits = 8 if n_bits is None else n_bits
+        if bad_samples not in BAD_SAMPLE_POLICIES:
+            raise ValueError(f"data.bad_samples={bad_samples!r}: choose one of {', '.join(BAD_SAMPLE_POLICIES)}")
+        if batch_size < 1 or eval_batch_size < 1:
+            raise ValueError("data.batch_size and data.eval_batch_size must be >= 1")
+        # Reading the manifest here (a small file, no download) lets the model take its shape from it.
+        self.manifest = read_manifest(root)
+        stored_bins = int(self.manifest["n_bins"])
+        n_bits = self.manifest.get("n_bits_hint") if n_bits is None else n_bits
+        if n_bits is not None:
+            if stored_bins != 256:
+                raise ValueError(f"data.n_bits={n_bits}: {root} stores {stored_bins} grey levels, not 8-bit data")
             if not 1 <= n_bits <= 8:
                 raise ValueError(f"data.n_bits must be in 1..8, got {n_bits}")
-            self.n_bins = 2**n_bits
-        self.source = source
-        self.image_shape = tuple(int(v) for v in image_shape)
+        self.root = root
         self.n_bits = n_bits
-        self.val_fraction = val_fraction
-        self.test_fraction = test_fraction
-        self.split_seed = split_seed
-        self.batch_size = batch_size
-        self.eval_batch_size = eval_batch_size
-        self.num_workers = num_workers
-        self.num_classes: int | None = None
-        self.datasets: dict[str, TensorDataset] = {}
+        self.n_bins = 2**n_bits if n_bits is not None else stored_bins
+        self.image_shape = tuple(int(v) for v in self.manifest["image_shape"])
+        self.num_classes: int | None = self.manifest.get("num_classes")
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
+        self.num_workers, self.shuffle_buffer = num_workers, shuffle_buffer
+        self.augment = Augment(hflip, max_shift) if hflip or max_shift else None
+        self.bad_samples, self.epoch_size = bad_samples, epoch_size
+        self.seed, self.eval_noise_seed = seed, eval_noise_seed
+        self._skipped = multiprocessing.get_context().Value("q", 0)
 
-    def _load(self) -> ImageArrays:
-        if self.source == "digits":
-            return load_digits_images()
-        images, labels = load_npz_images(self.source, self.image_shape)
-        return ImageArrays(reduce_bits(images, self.n_bits), labels, self.n_bins)
+    @property
+    def skipped_samples(self) -> int:
+        """Bad samples or shards skipped so far by this process's loaders (``bad_samples="skip"``)."""
+        return int(self._skipped.value)
 
-    def setup(self, stage: str | None = None) -> None:
-        if self.datasets:
-            return
-        arrays = self._load()
-        labels = arrays.labels if arrays.labels is not None else torch.full((len(arrays.images),), -1)
-        self.num_classes = int(arrays.labels.max()) + 1 if arrays.labels is not None else None
-        splits = split_indices(len(arrays.images), self.val_fraction, self.test_fraction, self.split_seed)
-        for split, idx in splits.items():
-            self.datasets[split] = TensorDataset(arrays.images[idx], labels[idx])
-        n_train = len(self.datasets["train"])
-        if n_train < self.batch_size:
-            raise ValueError(
-                f"data.batch_size={self.batch_size} exceeds the {n_train} training images of {self.source}"
-            )
+    def split_size(self, split: str) -> int:
+        return int(self.manifest["splits"][split]["count"])
+
+    def _rank_world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    def _stream(self, split: str, train: bool) -> ShardStream:
+        rank, world = self._rank_world()
+        urls = shard_urls(self.root, self.manifest, split)
+        counts = [s["count"] for s in self.manifest["splits"][split]["shards"]]
+        size = self.split_size(split)
+        if train:
+            per_epoch = (self.epoch_size or size) // (world * self.batch_size)
+            if per_epoch < 1:
+                raise ValueError(
+                    f"data.batch_size={self.batch_size} on {world} device(s) needs at least "
+                    f"{world * self.batch_size} training images per epoch; {self.root} has {size}"
+                )
+        elif size < world:
+            raise ValueError(f"the {split} split of {self.root} has {size} images, fewer than the {world} devices")
+        return ShardStream(
+            urls,
+            counts,
+            self.manifest,
+            self.batch_size if train else self.eval_batch_size,
+            train=train,
+            rank=rank,
+            world_size=world,
+            num_workers=self.num_workers,
+            seed=self.seed,
+            shuffle_buffer=self.shuffle_buffer,
+            batches_per_epoch=per_epoch if train else None,
+            augment=self.augment if train else None,
+            n_bits=self.n_bits,
+            bad_samples=self.bad_samples,
+            skipped=self._skipped,
+        )
 
     def _loader(self, split: str, train: bool) -> DataLoader:
-        if len(self.datasets[split]) == 0:
-            raise ValueError(f"the {split} split of {self.source} is empty: raise data.{split}_fraction")
         return DataLoader(
-            self.datasets[split],
-            batch_size=self.batch_size if train else self.eval_batch_size,
-            shuffle=train,
-            drop_last=train,
+            self._stream(split, train),
+            batch_size=None,  # the stream batches, so each rank's batch count is exact
             num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
+            # Persistent workers keep the training stream's position from one epoch to the next.
+            persistent_workers=self.num_workers > 0 and train,
+            pin_memory=torch.cuda.is_available(),
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -108,6 +134,7 @@ class ImageArrayDataModule(L.LightningDataModule):
         return self._loader("test", train=False)
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        levels, labels = batch
-        # Fresh uniform noise every time a batch is seen, drawn on the device (cheap on GPU).
-        return dequantize(levels, self.n_bins), labels
+        levels, labels, indices = batch
+        training = self.trainer is not None and self.trainer.training
+        noise = None if training else per_sample_uniform(indices.cpu(), tuple(levels.shape[1:]), self.eval_noise_seed)
+        return dequantize(levels, self.n_bins, noise=noise), labels, indices

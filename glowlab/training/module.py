@@ -8,7 +8,8 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
+from torchmetrics import MeanMetric
 
 from glowlab.likelihood import bits_per_dim
 from glowlab.models import Glow
@@ -60,6 +61,11 @@ class GlowModule(L.LightningModule):
             learn_top=learn_top,
             num_classes=num_classes,
         )
+        # Evaluation averages per image over all ranks exactly (sums and counts are all-reduced).
+        names = ["bpd", "class_bits", "class_acc"] if num_classes else ["bpd"]
+        self.eval_metrics = nn.ModuleDict(
+            {f"{stage}_{name}": MeanMetric() for stage in ("val", "test") for name in names}
+        )
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
@@ -71,33 +77,57 @@ class GlowModule(L.LightningModule):
             if found > num_classes:
                 raise ValueError(f"model.num_classes={num_classes} but the data has labels up to {found - 1}")
 
-    def _step(self, batch: tuple[Tensor, Tensor], stage: str) -> Tensor:
-        x, y = batch
+    def _step(self, batch: tuple[Tensor, ...], stage: str) -> Tensor:
+        x, y = batch[0], batch[1]
         conditional = self.model.num_classes is not None
         out = self.model.evaluate(x, y if conditional else None)
-        bpd = bits_per_dim(out.log_prob, self.model.num_dims, self.hparams.n_bins).mean()
-        on_step = stage == "train"
-        log = dict(on_step=on_step, on_epoch=True, batch_size=x.shape[0], sync_dist=not on_step)
-        self.log(f"{stage}_bpd", bpd, prog_bar=True, **log)
-        loss = bpd
+        values = {"bpd": bits_per_dim(out.log_prob, self.model.num_dims, self.hparams.n_bins)}
         if out.class_logits is not None:
-            class_loss = F.cross_entropy(out.class_logits, y) / math.log(2.0)  # bits per image
-            accuracy = (out.class_logits.argmax(dim=1) == y).float().mean()
-            self.log(f"{stage}_class_bits", class_loss, **log)
-            self.log(f"{stage}_class_acc", accuracy, **log)
-            loss = loss + self.hparams.class_weight * class_loss
+            values["class_bits"] = F.cross_entropy(out.class_logits, y, reduction="none") / math.log(2.0)  # per image
+            values["class_acc"] = (out.class_logits.argmax(dim=1) == y).float()
+        loss = values["bpd"].mean()
+        if "class_bits" in values:
+            loss = loss + self.hparams.class_weight * values["class_bits"].mean()
+        for name, value in values.items():
+            if stage == "train":
+                self.log(
+                    f"train_{name}",
+                    value.mean(),
+                    on_step=True,
+                    on_epoch=True,
+                    batch_size=x.shape[0],
+                    prog_bar=name == "bpd",
+                )
+            else:
+                metric = self.eval_metrics[f"{stage}_{name}"]
+                metric.update(value)
+                self.log(f"{stage}_{name}", metric, on_step=False, on_epoch=True, prog_bar=name == "bpd")
         return loss
 
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+    def training_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> Tensor:
         loss = self._step(batch, "train")
         self.log("train_loss", loss, on_step=True, on_epoch=False)
         return loss
 
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+    def validation_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> None:
         self._step(batch, "val")
 
-    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+    def test_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> None:
         self._step(batch, "test")
+
+    def _log_skipped(self) -> None:
+        skipped = getattr(self.trainer.datamodule, "skipped_samples", None) if self._trainer is not None else None
+        if skipped is not None:
+            self.log("data_skipped", float(skipped), reduce_fx="sum", sync_dist=True)
+
+    def on_train_epoch_end(self) -> None:
+        self._log_skipped()
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_skipped()
+
+    def on_test_epoch_end(self) -> None:
+        self._log_skipped()
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         # Called before the trainer clips, so this is the raw norm: spikes show here first.

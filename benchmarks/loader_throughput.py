@@ -1,0 +1,105 @@
+"""Is the shard loader fast enough? Loader images/s next to Glow's training images/s at the CIFAR config.
+
+Prepares a synthetic 32x32 RGB data set with `glowlab prepare` in a temporary folder, then measures
+(1) the training loader (ShardDataModule: shard reading, PNG decoding, shuffle buffer, random
+shifts, dequantization) with ``--workers`` worker processes, and (2) full training steps (forward,
+backward, Adamax step) of the paper's CIFAR-10 Glow (L=3, K=32, width 512, affine, LU) on the same
+machine, and prints both and their ratio. A ratio well above 1 means the model, not the loader,
+sets the pace.
+
+    python benchmarks/loader_throughput.py                 # CPU: a few minutes on 2 cores
+    python benchmarks/loader_throughput.py --device cuda   # the model on a GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from glowlab.data import PrepareOptions, load_source, prepare
+from glowlab.likelihood import bits_per_dim
+from glowlab.models import Glow
+from glowlab.training import ShardDataModule
+
+
+def synthetic_cifar(path: Path, n: int) -> Path:
+    """Smooth colour patterns plus noise: PNG-compresses about like CIFAR photos."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:32, 0:32] / 32.0
+    freq = rng.uniform(1, 8, size=(n, 3, 1, 1))
+    phase = rng.uniform(0, 6.3, size=(n, 3, 1, 1))
+    images = 127.5 * (1 + np.sin(freq * xx + freq[:, ::-1] * yy + phase)) + rng.normal(0, 12, size=(n, 3, 32, 32))
+    images = np.clip(images, 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)  # (N, 3, 32, 32) -> (N, 32, 32, 3)
+    np.savez(path, images=images, labels=rng.integers(0, 10, n))
+    return path
+
+
+def loader_throughput(root: Path, workers: int, batch_size: int, batches: int) -> float:
+    data = ShardDataModule(root=str(root), batch_size=batch_size, num_workers=workers, shuffle_buffer=2000, max_shift=3)
+    loader = iter(data.train_dataloader())
+    for _ in range(3):  # workers start and fill their shuffle buffers
+        next(loader)
+    start = time.perf_counter()
+    for _ in range(batches):
+        data.on_after_batch_transfer(next(loader), 0)
+    return batches * batch_size / (time.perf_counter() - start)
+
+
+def model_throughput(device: str, batch_size: int, steps: int) -> float:
+    torch.manual_seed(0)
+    model = Glow(image_shape=(3, 32, 32), levels=3, steps=32, hidden_channels=512, coupling="affine", permutation="lu")
+    model.to(device).train()
+    optimizer = torch.optim.Adamax(model.parameters(), lr=1e-4)
+    x = torch.rand(batch_size, 3, 32, 32, device=device) - 0.5
+
+    def step() -> None:
+        loss = bits_per_dim(model.log_prob(x), model.num_dims, 256).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    step()  # ActNorm initialisation and allocator warm-up
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return steps * batch_size / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=20000)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--loader-batches", type=int, default=150)
+    parser.add_argument("--model-batch-size", type=int, default=16)
+    parser.add_argument("--model-steps", type=int, default=3)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    with tempfile.TemporaryDirectory() as tmp:
+        npz = synthetic_cifar(Path(tmp) / "cifar.npz", args.images)
+        start = time.perf_counter()
+        options = PrepareOptions(shard_size=2000, val_fraction=0.05, test_fraction=0.05)
+        prepare(load_source("npz", str(npz)), Path(tmp) / "shards", options, workers=args.workers, progress=False)
+        prepared = args.images / (time.perf_counter() - start)
+        loader = loader_throughput(Path(tmp) / "shards", args.workers, args.batch_size, args.loader_batches)
+    model = model_throughput(args.device, args.model_batch_size, args.model_steps)
+    print(f"prepare            {prepared:10.1f} images/s  ({args.workers} processes, PNG shards of 2000)")
+    print(f"loader             {loader:10.1f} images/s  (32x32x3, {args.workers} workers, batch {args.batch_size})")
+    print(
+        f"training (CIFAR)   {model:10.1f} images/s  (L=3 K=32 width 512, batch {args.model_batch_size}, {args.device})"
+    )
+    print(f"loader / training  {loader / model:10.1f}x")
+
+
+if __name__ == "__main__":
+    main()

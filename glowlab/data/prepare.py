@@ -1,0 +1,321 @@
+"""``glowlab prepare``: write an image source as WebDataset tar shards plus ``manifest.json``.
+
+Layout of a prepared data set (``OUT``)::
+
+    OUT/manifest.json          image shape, bins, classes, splits, shards with sizes and sha256
+    OUT/prepare.json           the options of the run (lets an interrupted run resume)
+    OUT/train-000000.tar ...   WebDataset shards: "<key>.png" (or ".npy") and "<key>.cls" per sample
+    OUT/val-000000.tar ...
+    OUT/test-000000.tar ...
+
+Keys are the sample's position within its split, zero-padded to 8 digits, so a shard and key name
+every sample. Every file is written under a ``.partial`` name and renamed when complete, and the
+manifest is written last: an interrupted run never leaves a shard or manifest that looks complete.
+Re-running with the same options keeps the finished shards and writes the rest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import multiprocessing
+import os
+import tarfile
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from glowlab.data.sources import ImageSource
+
+FORMAT = "glowlab-webdataset"
+VERSION = 1
+RESAMPLE = ("box", "lanczos", "bicubic", "bilinear", "nearest")
+PAYLOADS = ("png", "npy")
+
+
+@dataclass(frozen=True)
+class PrepareOptions:
+    """What ``glowlab prepare`` does to a source; stored in ``prepare.json`` and the manifest."""
+
+    resolution: int | None = None
+    resample: str = "box"
+    payload: str = "png"
+    shard_size: int = 5000
+    val_fraction: float = 0.1
+    test_fraction: float = 0.2
+    seed: int = 0
+    n_bits_hint: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.resample not in RESAMPLE:
+            raise ValueError(f"--resample {self.resample!r}: choose one of {', '.join(RESAMPLE)}")
+        if self.payload not in PAYLOADS:
+            raise ValueError(f"--payload {self.payload!r}: choose one of {', '.join(PAYLOADS)}")
+        if self.shard_size < 1:
+            raise ValueError(f"--shard-size must be >= 1, got {self.shard_size}")
+        if self.resolution is not None and self.resolution < 1:
+            raise ValueError(f"--resolution must be >= 1, got {self.resolution}")
+        if self.n_bits_hint is not None and not 1 <= self.n_bits_hint <= 8:
+            raise ValueError(f"--n-bits must be in 1..8, got {self.n_bits_hint}")
+
+
+def split_order(n: int, val_fraction: float, test_fraction: float, seed: int) -> dict[str, np.ndarray]:
+    """A deterministic train/val/test partition of ``range(n)``, each split in a seeded random order."""
+    if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
+        raise ValueError(f"val_fraction={val_fraction} and test_fraction={test_fraction} must be >= 0 and sum below 1")
+    perm = np.random.default_rng(seed).permutation(n)
+    n_val, n_test = round(n * val_fraction), round(n * test_fraction)
+    return {"train": perm[n_test + n_val :], "val": perm[n_test : n_test + n_val], "test": perm[:n_test]}
+
+
+def plan_splits(source: ImageSource, options: PrepareOptions) -> dict[str, np.ndarray]:
+    """Source indices per split: the source's official test split if it has one, else seeded fractions."""
+    if "test" in source.splits:
+        train = source.splits["train"]
+        inner = split_order(len(train), options.val_fraction, 0.0, options.seed)
+        rng = np.random.default_rng(options.seed + 1)
+        return {
+            "train": train[inner["train"]],
+            "val": train[inner["val"]],
+            "test": rng.permutation(source.splits["test"]),
+        }
+    return split_order(len(source), options.val_fraction, options.test_fraction, options.seed)
+
+
+def transform(image: np.ndarray, resolution: int | None, resample: str) -> np.ndarray:
+    """Resize the shorter side to ``resolution`` (antialiased) and centre-crop a square; uint8 (H, W, C)."""
+    if resolution is None or image.shape[:2] == (resolution, resolution):
+        return image
+    from PIL import Image
+
+    h, w = image.shape[:2]
+    scale = resolution / min(h, w)
+    size = (max(resolution, round(w * scale)), max(resolution, round(h * scale)))
+    img = Image.fromarray(image[:, :, 0] if image.shape[2] == 1 else image)
+    img = img.resize(size, getattr(Image.Resampling, resample.upper()))
+    left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2
+    out = np.asarray(img.crop((left, top, left + resolution, top + resolution)))
+    return out[:, :, None] if out.ndim == 2 else out  # (H, W) -> (H, W, 1)
+
+
+def encode(image: np.ndarray, payload: str) -> bytes:
+    """Lossless bytes of an (H, W, C) uint8 image: PNG (grey or RGB) or a .npy array."""
+    buf = io.BytesIO()
+    if payload == "npy":
+        np.save(buf, image, allow_pickle=False)
+    else:
+        from PIL import Image
+
+        Image.fromarray(image[:, :, 0] if image.shape[2] == 1 else image).save(buf, format="PNG", compress_level=6)
+    return buf.getvalue()
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), 0, 0o444  # fixed metadata: identical reruns, identical bytes
+    tar.addfile(info, io.BytesIO(data))
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class _ShardTask:
+    split: str
+    shard: int
+    first: int
+    indices: tuple[int, ...]
+
+    @property
+    def name(self) -> str:
+        return f"{self.split}-{self.shard:06d}.tar"
+
+
+_SOURCE: ImageSource | None = None  # set in each worker process by _init_worker
+
+
+def _init_worker(source: ImageSource) -> None:
+    global _SOURCE
+    _SOURCE = source
+
+
+def _write_shard(args: tuple[_ShardTask, PrepareOptions, str, tuple[int, int, int] | None]) -> dict:
+    """Write one shard under a .partial name, then rename; returns its manifest entry."""
+    task, options, out, shape = args
+    source = _SOURCE
+    path = Path(out) / task.name
+    partial = path.with_name(path.name + ".partial")
+    with open(partial, "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for offset, i in enumerate(task.indices):
+            image = transform(np.asarray(source.image(i)), options.resolution, options.resample)
+            if image.dtype != np.uint8:
+                raise ValueError(f"{source.describe(i)}: pixel type {image.dtype}, expected uint8")
+            found = (image.shape[2], image.shape[0], image.shape[1])
+            if shape is not None and found != shape:
+                raise ValueError(
+                    f"{source.describe(i)}: image is {found[1]}x{found[2]}x{found[0]} but earlier images are "
+                    f"{shape[1]}x{shape[2]}x{shape[0]}; pass --resolution to resize and crop all images alike"
+                )
+            key = f"{task.first + offset:08d}"
+            _add(tar, f"{key}.{options.payload}", encode(image, options.payload))
+            if source.labels is not None:
+                _add(tar, f"{key}.cls", str(int(source.labels[i])).encode())
+    with open(partial, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(partial, path)
+    return {
+        "split": task.split,
+        "name": task.name,
+        "count": len(task.indices),
+        "size": path.stat().st_size,
+        "sha256": sha256_of(path),
+    }
+
+
+def _tasks(order: dict[str, np.ndarray], shard_size: int) -> Iterator[_ShardTask]:
+    for split, idx in order.items():
+        for shard, first in enumerate(range(0, len(idx), shard_size)):
+            yield _ShardTask(split, shard, first, tuple(int(i) for i in idx[first : first + shard_size]))
+
+
+def prepare(
+    source: ImageSource,
+    out: str | Path,
+    options: PrepareOptions,
+    workers: int = 1,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Write ``source`` as shards under ``out`` and return the manifest (also written to ``out``)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    request = {"source": {"kind": source.kind, "location": source.location, "count": len(source)}, **asdict(options)}
+    journal = out / "prepare.json"
+    if journal.exists():
+        previous = json.loads(journal.read_text())
+        if previous != request:
+            if not overwrite:
+                raise FileExistsError(
+                    f"{out} holds a preparation with other options ({journal}); "
+                    "pass --overwrite to replace it or choose another --out"
+                )
+            _remove_ours(out)
+        elif (out / "manifest.json").exists():
+            manifest = json.loads((out / "manifest.json").read_text())
+            if progress:
+                print(f"{out}: already prepared with these options; nothing to do")
+            return manifest
+    elif (out / "manifest.json").exists() or any(out.glob("*.tar")):
+        if not overwrite:
+            raise FileExistsError(f"{out} already holds shards or a manifest; pass --overwrite to replace them")
+        _remove_ours(out)
+    _write_atomic(journal, json.dumps(request, indent=2) + "\n")
+    for stale in out.glob("*.partial"):
+        stale.unlink()
+
+    order = plan_splits(source, options)
+    shape = _expected_shape(source, order, options)
+    tasks = list(_tasks(order, options.shard_size))
+    done = {p.name for p in out.glob("*.tar")}
+    entries = [_reuse(out / t.name, t) for t in tasks if t.name in done]
+    todo = [t for t in tasks if t.name not in done]
+    bar = _progress(sum(len(t.indices) for t in tasks), sum(e["count"] for e in entries), progress, out)
+    jobs = [(t, options, str(out), shape) for t in todo]
+    if workers > 1 and len(todo) > 1:
+        ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+        with ctx.Pool(min(workers, len(todo)), initializer=_init_worker, initargs=(source,)) as pool:
+            for entry in pool.imap_unordered(_write_shard, jobs):
+                entries.append(entry)
+                bar.update(entry["count"])
+    else:
+        _init_worker(source)
+        for job in jobs:
+            entry = _write_shard(job)
+            entries.append(entry)
+            bar.update(entry["count"])
+    bar.close()
+
+    c, h, w = shape
+    manifest = {
+        "format": FORMAT,
+        "version": VERSION,
+        "source": request["source"],
+        "image_shape": [c, h, w],
+        "n_bins": source.n_bins,
+        "n_bits_hint": options.n_bits_hint,
+        "num_classes": _num_classes(source),
+        "class_names": source.class_names,
+        "payload": options.payload,
+        "options": asdict(options),
+        "splits": {
+            split: {
+                "count": len(idx),
+                "shards": sorted(
+                    ({k: e[k] for k in ("name", "count", "size", "sha256")} for e in entries if e["split"] == split),
+                    key=lambda e: e["name"],
+                ),
+            }
+            for split, idx in order.items()
+        },
+    }
+    _write_atomic(out / "manifest.json", json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def _expected_shape(source: ImageSource, order: dict[str, np.ndarray], options: PrepareOptions) -> tuple[int, int, int]:
+    first = next(int(idx[0]) for idx in order.values() if len(idx))
+    image = transform(np.asarray(source.image(first)), options.resolution, options.resample)
+    return (image.shape[2], image.shape[0], image.shape[1])
+
+
+def _num_classes(source: ImageSource) -> int | None:
+    if source.class_names:
+        return len(source.class_names)
+    return int(source.labels.max()) + 1 if source.labels is not None and len(source.labels) else None
+
+
+def _reuse(path: Path, task: _ShardTask) -> dict:
+    return {
+        "split": task.split,
+        "name": task.name,
+        "count": len(task.indices),
+        "size": path.stat().st_size,
+        "sha256": sha256_of(path),
+    }
+
+
+def _remove_ours(out: Path) -> None:
+    """Delete only what ``prepare`` writes, never other files in ``out``."""
+    for pattern in ("*.tar", "*.partial", "manifest.json", "prepare.json"):
+        for path in out.glob(pattern):
+            path.unlink()
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text)
+    os.replace(partial, path)
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(total: int, initial: int, enabled: bool, out: Path):
+    if not enabled:
+        return _NoBar()
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, unit="img", desc=f"prepare {out}")

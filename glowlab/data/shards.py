@@ -1,0 +1,347 @@
+"""Reading prepared shards: manifest checks, sample decoding, and a rank- and worker-aware stream.
+
+Shards are read from local paths, URLs or ``pipe:`` commands (anything ``webdataset.gopen`` opens,
+e.g. ``pipe:aws s3 cp s3://bucket/cifar10/train-000000.tar -``).
+
+Splitting rule, the same for training and evaluation: the reader slots are the ``world_size x
+num_workers`` (rank, worker) pairs. With at least as many shards as slots, each slot reads whole
+shards (``shards[slot::slots]``); with fewer, every slot reads all shards and keeps the samples
+whose index ``% slots == slot``. Either way each sample goes to exactly one slot per pass.
+Training repeats passes forever, reshuffling the shard order each pass with a seed all ranks
+share, and every slot yields the same number of batches per epoch, so ranks never wait on each
+other. Evaluation makes one pass in order, so every sample is seen exactly once across all ranks.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import multiprocessing
+import random
+import tarfile
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from glowlab.data.prepare import FORMAT, VERSION
+
+
+class DataError(ValueError):
+    """Bad or inconsistent data, with the shard and key it was found in."""
+
+
+BAD_SAMPLE_POLICIES = ("error", "skip")
+
+
+def _is_url(root: str) -> bool:
+    return "://" in root or root.startswith("pipe:")
+
+
+def read_manifest(root: str) -> dict:
+    """Load and check ``<root>/manifest.json`` (a folder, URL prefix or ``pipe:`` command prefix)."""
+    location = f"{root.rstrip('/')}/manifest.json"
+    try:
+        if _is_url(root):
+            import webdataset as wds
+
+            with wds.gopen(location, "rb") as f:
+                text = f.read().decode()
+        else:
+            text = Path(location).read_text()
+    except (OSError, ValueError) as exn:
+        raise DataError(
+            f"{location}: cannot read the manifest ({exn}); "
+            f"prepare the data first, e.g. `glowlab prepare digits --out {root}`"
+        ) from exn
+    try:
+        manifest = json.loads(text)
+    except json.JSONDecodeError as exn:
+        raise DataError(f"{location}: not valid JSON ({exn})") from exn
+    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+        raise DataError(f"{location}: not a {FORMAT} v{VERSION} manifest")
+    for key in ("image_shape", "n_bins", "splits", "payload"):
+        if key not in manifest:
+            raise DataError(f"{location}: missing {key!r}")
+    return manifest
+
+
+def shard_urls(root: str, manifest: dict, split: str) -> list[str]:
+    """The shard locations of ``split``; local shards must exist with the manifest's sizes."""
+    if split not in manifest["splits"]:
+        raise DataError(f"{root}/manifest.json: no {split!r} split (has {', '.join(manifest['splits'])})")
+    urls = []
+    for shard in manifest["splits"][split]["shards"]:
+        url = f"{root.rstrip('/')}/{shard['name']}"
+        if not _is_url(root):
+            path = Path(url)
+            if not path.is_file():
+                raise DataError(f"{url}: shard listed in the manifest is missing")
+            if path.stat().st_size != shard["size"]:
+                raise DataError(
+                    f"{url}: {path.stat().st_size} bytes, the manifest says {shard['size']} (truncated or replaced)"
+                )
+        urls.append(url)
+    return urls
+
+
+def iter_tar(url: str, expected: int | None = None) -> Iterator[dict]:
+    """Samples of one shard as ``{"__key__", "__url__", <ext>: bytes}``, members grouped by key.
+
+    Python's tarfile ends quietly at a damaged header after the first member, so the number of
+    samples is checked against ``expected`` (the manifest's count): a short shard is an error.
+    """
+    import webdataset as wds
+
+    current: dict | None = None
+    seen = 0
+    try:
+        with wds.gopen(url, "rb") as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                key, _, ext = member.name.partition(".")
+                if current is not None and current["__key__"] != key:
+                    seen += 1
+                    yield current
+                    current = None
+                if current is None:
+                    current = {"__key__": key, "__url__": url}
+                current[ext] = tar.extractfile(member).read()
+    except (tarfile.TarError, EOFError, OSError) as exn:
+        where = f"after key {current['__key__']}" if current else "at the start"
+        raise DataError(f"{url}: corrupt or truncated tar {where} ({exn})") from exn
+    seen += current is not None
+    if expected is not None and seen != expected:
+        last = f"key {current['__key__']}" if current else "the start"
+        raise DataError(f"{url}: corrupt or truncated tar: it ends at {last} with {seen} of {expected} samples")
+    if current is not None:  # held back until the count is known good: it may be cut short
+        yield current
+
+
+def decode(
+    sample: dict, payload: str, image_shape: tuple[int, int, int], num_classes: int | None
+) -> tuple[np.ndarray, int, int]:
+    """``(image (C, H, W) uint8, label or -1, index)`` of a raw sample, checked against the manifest."""
+    where = f"{sample['__url__']} key {sample['__key__']}"
+    try:
+        index = int(sample["__key__"])
+    except ValueError as exn:
+        raise DataError(f"{where}: key is not a sample index") from exn
+    if payload not in sample:
+        raise DataError(
+            f"{where}: no .{payload} payload (has {', '.join(k for k in sample if not k.startswith('__'))})"
+        )
+    try:
+        if payload == "npy":
+            image = np.load(io.BytesIO(sample[payload]), allow_pickle=False)
+        else:
+            from PIL import Image
+
+            with Image.open(io.BytesIO(sample[payload])) as img:
+                image = np.asarray(img)
+    except Exception as exn:  # PIL and numpy raise many types for bad bytes
+        raise DataError(f"{where}: undecodable image ({exn})") from exn
+    if image.ndim == 2:
+        image = image[:, :, None]  # (H, W) -> (H, W, 1)
+    found = (image.shape[2], image.shape[0], image.shape[1]) if image.ndim == 3 else tuple(image.shape)
+    if image.dtype != np.uint8 or found != tuple(image_shape):
+        raise DataError(f"{where}: image is {image.dtype} {found}, the manifest says uint8 {tuple(image_shape)}")
+    label = -1
+    if "cls" in sample:
+        try:
+            label = int(sample["cls"].decode())
+        except ValueError as exn:
+            raise DataError(f"{where}: label {sample['cls']!r} is not an integer") from exn
+        if num_classes is not None and not 0 <= label < num_classes:
+            raise DataError(f"{where}: label {label} is out of range for {num_classes} classes")
+    elif num_classes is not None:
+        raise DataError(f"{where}: no label, but the manifest has {num_classes} classes")
+    return np.ascontiguousarray(image.transpose(2, 0, 1)), label, index  # (H, W, C) -> (C, H, W)
+
+
+@dataclass(frozen=True)
+class Augment:
+    """Training-time augmentation on uint8 images: horizontal flips and the Glow paper's random shifts.
+
+    ``max_shift`` is the largest shift in pixels along each axis; the image is padded by repeating
+    its border, as the reference code's Keras ``ImageDataGenerator(width_shift_range=...)`` does.
+
+    References: Kingma & Dhariwal, "Glow: Generative Flow with Invertible 1x1 Convolutions", 2018.
+    """
+
+    hflip: bool = False
+    max_shift: int = 0
+
+    def __call__(self, image: np.ndarray, rng: random.Random) -> np.ndarray:
+        if self.hflip and rng.random() < 0.5:
+            image = image[:, :, ::-1]
+        if self.max_shift:
+            s = self.max_shift
+            dy, dx = rng.randint(-s, s), rng.randint(-s, s)
+            padded = np.pad(image, ((0, 0), (s, s), (s, s)), mode="edge")  # (C, H + 2s, W + 2s)
+            h, w = image.shape[1:]
+            image = padded[:, s + dy : s + dy + h, s + dx : s + dx + w]
+        return np.ascontiguousarray(image)
+
+
+class ShardStream(IterableDataset):
+    """Batches ``(levels uint8 (B, C, H, W), labels int64 (B,), indices int64 (B,))`` from shards.
+
+    ``train=True``: endless reshuffled passes with a shuffle buffer, cut into epochs of
+    ``batches_per_epoch`` batches per rank (summed over its workers), last partial batches dropped.
+    ``train=False``: one ordered pass, each sample exactly once over all ranks and workers. Bad
+    samples raise :class:`DataError` (``bad_samples="error"``) or are skipped, warned about and
+    counted in ``skipped`` (``"skip"``). ``n_bits`` keeps the top bits of 256-level data.
+
+    References: Aizman et al., "High Performance I/O For Large Scale Deep Learning" (WebDataset), 2019.
+    """
+
+    def __init__(
+        self,
+        urls: list[str],
+        counts: list[int],
+        manifest: dict,
+        batch_size: int,
+        train: bool,
+        rank: int = 0,
+        world_size: int = 1,
+        num_workers: int = 0,
+        seed: int = 0,
+        shuffle_buffer: int = 1000,
+        batches_per_epoch: int | None = None,
+        augment: Augment | None = None,
+        n_bits: int | None = None,
+        bad_samples: str = "error",
+        skipped: multiprocessing.sharedctypes.Synchronized | None = None,
+    ) -> None:
+        super().__init__()
+        if bad_samples not in BAD_SAMPLE_POLICIES:
+            raise ValueError(f"bad_samples={bad_samples!r}: choose one of {', '.join(BAD_SAMPLE_POLICIES)}")
+        self.urls, self.counts = list(urls), list(counts)
+        self.payload = manifest["payload"]
+        self.image_shape = tuple(manifest["image_shape"])
+        self.num_classes = manifest.get("num_classes")
+        self.batch_size, self.train = batch_size, train
+        self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
+        self.seed, self.shuffle_buffer = seed, shuffle_buffer
+        self.augment, self.n_bits, self.bad_samples = augment, n_bits, bad_samples
+        self.skipped = skipped
+        self.slots = world_size * max(1, num_workers)
+        self.batches_per_epoch = batches_per_epoch
+        self._stream: Iterator | None = None
+
+    # Which shards and samples a slot reads in a pass.
+    def _assignment(self, slot: int, shard_order: list[int]) -> tuple[list[int], int | None]:
+        if len(shard_order) >= self.slots:
+            return shard_order[slot :: self.slots], None
+        return shard_order, slot
+
+    def _slot(self) -> tuple[int, int]:
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        return self.rank * max(1, self.num_workers) + worker, worker
+
+    def _samples(self, slot: int, shard_order: list[int]) -> Iterator[tuple[np.ndarray, int, int]]:
+        shards, sample_slot = self._assignment(slot, shard_order)
+        for s in shards:
+            try:
+                for raw in iter_tar(self.urls[s], self.counts[s]):
+                    if sample_slot is not None and int(raw["__key__"]) % self.slots != sample_slot:
+                        continue
+                    try:
+                        yield decode(raw, self.payload, self.image_shape, self.num_classes)
+                    except DataError as exn:
+                        self._bad(exn)
+            except DataError as exn:
+                self._bad(exn)
+
+    def _bad(self, exn: DataError) -> None:
+        if self.bad_samples == "error":
+            raise exn
+        if self.skipped is not None:
+            with self.skipped.get_lock():
+                self.skipped.value += 1
+        warnings.warn(f"skipped: {exn}", stacklevel=2)
+
+    def _batches(
+        self, samples: Iterator[tuple[np.ndarray, int, int]], drop_last: bool
+    ) -> Iterator[tuple[torch.Tensor, ...]]:
+        batch: list[tuple[np.ndarray, int, int]] = []
+        for sample in samples:
+            batch.append(sample)
+            if len(batch) == self.batch_size:
+                yield self._collate(batch)
+                batch = []
+        if batch and not drop_last:
+            yield self._collate(batch)
+
+    def _collate(self, batch: list[tuple[np.ndarray, int, int]]) -> tuple[torch.Tensor, ...]:
+        levels = torch.from_numpy(np.stack([b[0] for b in batch]))  # (B, C, H, W)
+        if self.n_bits is not None:
+            levels = torch.div(levels, 2 ** (8 - self.n_bits), rounding_mode="floor")
+        return levels, torch.tensor([b[1] for b in batch]), torch.tensor([b[2] for b in batch])
+
+    def _train_samples(self, slot: int, worker: int) -> Iterator[tuple[np.ndarray, int, int]]:
+        rng = random.Random(f"{self.seed}/{self.rank}/{worker}")
+        buffer: list[tuple[np.ndarray, int, int]] = []
+        epoch = 0
+        while True:
+            order = list(range(len(self.urls)))
+            random.Random(f"{self.seed}/pass{epoch}").shuffle(order)  # the same on every rank
+            got = False
+            for sample in self._samples(slot, order):
+                got = True
+                if len(buffer) < self.shuffle_buffer:
+                    buffer.append(sample)
+                    continue
+                j = rng.randrange(len(buffer))
+                sample, buffer[j] = buffer[j], sample
+                yield self._augmented(sample, rng)
+            if not got and not buffer:
+                raise DataError(
+                    f"no training samples could be read from {len(self.urls)} shards (first: {self.urls[0]})"
+                )
+            epoch += 1
+
+    def _augmented(self, sample: tuple[np.ndarray, int, int], rng: random.Random) -> tuple[np.ndarray, int, int]:
+        if self.augment is None:
+            return sample
+        return self.augment(sample[0], rng), sample[1], sample[2]
+
+    def worker_batches(self) -> int:
+        """Batches one worker yields per training epoch; the rank's total is the same on every rank."""
+        return math.ceil(self.batches_per_epoch / max(1, self.num_workers))
+
+    def eval_samples_of_slot(self, slot: int) -> int:
+        """Samples that reader slot ``slot`` sees in an evaluation pass (from the manifest counts)."""
+        order = list(range(len(self.urls)))
+        shards, sample_slot = self._assignment(slot, order)
+        if sample_slot is None:
+            return sum(self.counts[s] for s in shards)
+        total = sum(self.counts)
+        return len(range(sample_slot, total, self.slots))
+
+    def __len__(self) -> int:
+        workers = max(1, self.num_workers)
+        if self.train:
+            return workers * self.worker_batches()
+        slots = range(self.rank * workers, (self.rank + 1) * workers)
+        return sum(math.ceil(self.eval_samples_of_slot(s) / self.batch_size) for s in slots)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
+        slot, worker = self._slot()
+        if not self.train:
+            yield from self._batches(self._samples(slot, list(range(len(self.urls)))), drop_last=False)
+            return
+        # The stream persists across epochs (in the worker, with persistent workers), so each epoch
+        # continues where the last one stopped instead of restarting at the first shard.
+        if self._stream is None:
+            self._stream = self._batches(self._train_samples(slot, worker), drop_last=True)
+        for _ in range(self.worker_batches()):
+            yield next(self._stream)

@@ -1,0 +1,73 @@
+"""A 2-process DDP run on CPU (gloo), started by test_ddp.py: records what each rank read.
+
+Usage: python tests/ddp_job.py DATA_ROOT OUT_DIR
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from glowlab.training import GlowModule, ShardDataModule
+
+
+class Recorder(L.Callback):
+    """Sample indices of every batch, per training epoch and for the test pass."""
+
+    def __init__(self) -> None:
+        self.train: list[list[int]] = []
+        self.test: list[int] = []
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.train.append([])
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.train[-1] += batch[2].tolist()
+
+    def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        self.test += batch[2].tolist()
+
+
+def main(root: str, out: str) -> None:
+    L.seed_everything(0)
+    data = ShardDataModule(
+        root=root, batch_size=16, eval_batch_size=50, num_workers=2, shuffle_buffer=16, epoch_size=640
+    )
+    model = GlowModule(
+        image_shape=data.image_shape, n_bins=data.n_bins, levels=2, steps=2, hidden_channels=16, warmup_steps=5
+    )
+    recorder = Recorder()
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+        max_epochs=2,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[recorder],
+    )
+    trainer.fit(model, datamodule=data)
+    test_bpd = trainer.test(model, datamodule=data, verbose=False)[0]["test_bpd"]
+    rank = trainer.global_rank
+    actnorm = model.model.levels[0].layers[1].layers[0]  # first flow step's ActNorm
+    record = {
+        "train": recorder.train,
+        "test": recorder.test,
+        "test_bpd": test_bpd,
+        "actnorm_bias": actnorm.bias.flatten().tolist(),
+    }
+    Path(out, f"rank{rank}.json").write_text(json.dumps(record))
+    if rank == 0:
+        torch.save(model.state_dict(), Path(out, "model.pt"))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
