@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -54,8 +55,9 @@ def per_sample_uniform(indices: Tensor, shape: tuple[int, ...], seed: int = 0) -
     Evaluation uses it so that a sample's dequantization does not depend on batch size, worker or
     rank layout: bits/dim on a test set is the same number on one process or on many.
     """
-    rows = [torch.rand(shape, generator=torch.Generator().manual_seed(seed * 2**32 + int(i))) for i in indices.tolist()]
-    return torch.stack(rows) if rows else torch.empty(0, *shape)
+    # numpy's SeedSequence takes (seed, index) whole; torch's CPU generator keeps only 32 bits of a seed.
+    rows = [np.random.default_rng([seed, int(i)]).random(shape, dtype=np.float32) for i in indices.tolist()]
+    return torch.from_numpy(np.stack(rows)) if rows else torch.empty(0, *shape)
 
 
 def bin_centers(levels: Tensor, n_bins: int) -> Tensor:

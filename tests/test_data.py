@@ -271,9 +271,17 @@ def _train_indices(root: Path, rank: int, world: int, workers: int, epochs: int,
     urls = shard_urls(str(root), manifest, "train")
     counts = [s["count"] for s in manifest["splits"]["train"]["shards"]]
     stream = ShardStream(
-        urls, counts, manifest, 4, train=True, rank=rank, world_size=world, num_workers=workers,
-        shuffle_buffer=8, batches_per_epoch=batches,
-    )  # fmt: skip
+        urls,
+        counts,
+        manifest,
+        4,
+        train=True,
+        rank=rank,
+        world_size=world,
+        num_workers=workers,
+        shuffle_buffer=8,
+        batches_per_epoch=batches,
+    )
     loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers, persistent_workers=workers > 0)
     out = []
     for _ in range(epochs):

@@ -168,6 +168,8 @@ def _write_shard(args: tuple[_ShardTask, PrepareOptions, str, tuple[int, int, in
             _add(tar, f"{key}.{options.payload}", encode(image, options.payload))
             if source.labels is not None:
                 _add(tar, f"{key}.cls", str(int(source.labels[i])).encode())
+            if source.attributes is not None:
+                _add(tar, f"{key}.attr", "".join("1" if v else "0" for v in source.attributes[i]).encode())
     with open(partial, "rb+") as f:
         os.fsync(f.fileno())
     os.replace(partial, path)
@@ -253,6 +255,7 @@ def prepare(
         "n_bits_hint": options.n_bits_hint,
         "num_classes": _num_classes(source),
         "class_names": source.class_names,
+        "attribute_names": source.attribute_names,
         "payload": options.payload,
         "options": asdict(options),
         "splits": {

@@ -345,3 +345,50 @@ class ShardStream(IterableDataset):
             self._stream = self._batches(self._train_samples(slot, worker), drop_last=True)
         for _ in range(self.worker_batches()):
             yield next(self._stream)
+
+
+@dataclass
+class Samples:
+    """Chosen samples of a split: uint8 levels (N, C, H, W), labels (-1 if none), attributes (N, A)."""
+
+    levels: torch.Tensor
+    labels: torch.Tensor
+    attributes: torch.Tensor | None
+    indices: torch.Tensor
+
+
+def read_samples(root: str, split: str, indices: list[int] | None = None, limit: int | None = None) -> Samples:
+    """Samples of ``split`` by index (``indices``, in that order) or the first ``limit`` of them.
+
+    Only the shards holding the wanted samples are opened.
+    """
+    manifest = read_manifest(root)
+    urls = shard_urls(root, manifest, split)
+    counts = [s["count"] for s in manifest["splits"][split]["shards"]]
+    total = sum(counts)
+    wanted = list(range(min(limit, total))) if indices is None else [int(i) for i in indices]
+    bad = [i for i in wanted if not 0 <= i < total]
+    if bad:
+        raise DataError(f"{root}: the {split} split has {total} images; no index {bad[0]}")
+    starts = np.cumsum([0, *counts])
+    found: dict[int, tuple] = {}
+    for s, url in enumerate(urls):
+        need = {i for i in wanted if starts[s] <= i < starts[s + 1]}
+        if not need:
+            continue
+        for raw in iter_tar(url, counts[s]):
+            index = int(raw["__key__"])
+            if index in need:
+                image, label, _ = decode(
+                    raw, manifest["payload"], tuple(manifest["image_shape"]), manifest.get("num_classes")
+                )
+                attrs = [int(c) for c in raw["attr"].decode()] if "attr" in raw else None
+                found[index] = (image, label, attrs)
+    rows = [found[i] for i in wanted]
+    attributes = torch.tensor([r[2] for r in rows], dtype=torch.uint8) if rows and rows[0][2] is not None else None
+    return Samples(
+        torch.from_numpy(np.stack([r[0] for r in rows])),  # (N, C, H, W)
+        torch.tensor([r[1] for r in rows]),
+        attributes,
+        torch.tensor(wanted),
+    )

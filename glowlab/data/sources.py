@@ -23,8 +23,9 @@ class ImageSource:
 
     ``n_bins`` is the number of grey levels the pixel values use (256 for 8-bit images, 17 for the
     digits). ``splits`` holds the data set's official partition (e.g. CIFAR's train/test) as index
-    lists, or is empty when glowlab should split at random. ``describe(i)`` names item ``i`` in
-    error messages (a file path, or the archive and position).
+    lists, or is empty when glowlab should split at random. ``attributes`` are optional binary
+    columns (N, A) named by ``attribute_names`` (e.g. CelebA's "Smiling"). ``describe(i)`` names
+    item ``i`` in error messages (a file path, or the archive and position).
 
     References: Krizhevsky, "Learning Multiple Layers of Features from Tiny Images", 2009.
     """
@@ -38,6 +39,8 @@ class ImageSource:
     arrays: np.ndarray | None = None
     files: Sequence[Path] = ()
     channels: int = 3
+    attributes: np.ndarray | None = None
+    attribute_names: list[str] | None = None
 
     def __len__(self) -> int:
         return len(self.arrays) if self.arrays is not None else len(self.files)
@@ -79,6 +82,8 @@ def npz_source(path: str | Path) -> ImageSource:
             raise KeyError(f"{path}: no 'images' array (found: {', '.join(npz.files) or 'nothing'})")
         images = npz["images"]
         labels = npz["labels"] if "labels" in npz else None
+        attributes = npz["attributes"] if "attributes" in npz else None
+        names = [str(n) for n in npz["attribute_names"]] if "attribute_names" in npz else None
     if images.dtype != np.uint8:
         raise TypeError(f"{path}: 'images' must be uint8, got {images.dtype}")
     if images.ndim == 3:
@@ -91,13 +96,26 @@ def npz_source(path: str | Path) -> ImageSource:
         images = images.transpose(0, 2, 3, 1)  # (N, C, H, W) -> (N, H, W, C)
     if labels is not None:
         labels = _check_labels(labels, len(images), str(path))
-    return ImageSource("npz", str(path), labels, None, arrays=np.ascontiguousarray(images), channels=images.shape[3])
+    if attributes is not None:
+        attributes, names = _check_attributes(attributes, names, len(images), str(path))
+    return ImageSource(
+        "npz",
+        str(path),
+        labels,
+        None,
+        arrays=np.ascontiguousarray(images),
+        channels=images.shape[3],
+        attributes=attributes,
+        attribute_names=names,
+    )
 
 
-def folder_source(root: str | Path, channels: int = 3) -> ImageSource:
+def folder_source(root: str | Path, channels: int = 3, attributes_file: str | Path | None = None) -> ImageSource:
     """An image tree like torchvision's ImageFolder: class = sub-folder name (sorted).
 
-    Images directly in ``root`` (no sub-folders) make an unlabelled source.
+    Images directly in ``root`` (no sub-folders) make an unlabelled source. ``attributes_file`` is
+    a table in CelebA's ``list_attr_celeba.txt`` format (optional count line, a line of attribute
+    names, then ``file v1 v2 ...`` with values 1/-1 or 1/0) matched to images by file name.
     """
     root = Path(root)
     if not root.is_dir():
@@ -113,6 +131,7 @@ def folder_source(root: str | Path, channels: int = 3) -> ImageSource:
         files = _image_files(root)
     if not files:
         raise ValueError(f"{root}: no images found (looked for {', '.join(IMAGE_SUFFIXES)})")
+    attributes, names = _read_attribute_table(Path(attributes_file), files) if attributes_file else (None, None)
     return ImageSource(
         "folder",
         str(root),
@@ -120,6 +139,8 @@ def folder_source(root: str | Path, channels: int = 3) -> ImageSource:
         classes or None,
         files=files,
         channels=channels,
+        attributes=attributes,
+        attribute_names=names,
     )
 
 
@@ -164,8 +185,12 @@ def cifar_source(path: str | Path, num_classes: int = 10) -> ImageSource:
     return ImageSource(f"cifar{num_classes}", str(path), labels, names, splits=splits, arrays=images)
 
 
-def load_source(kind: str, path: str | None = None, channels: int = 3) -> ImageSource:
+def load_source(
+    kind: str, path: str | None = None, channels: int = 3, attributes_file: str | None = None
+) -> ImageSource:
     """The source called ``kind`` (one of ``SOURCES``) at ``path``."""
+    if attributes_file is not None and kind != "folder":
+        raise ValueError("--attributes applies to folder sources (npz files carry an 'attributes' array)")
     if kind not in SOURCES:
         raise ValueError(f"unknown source {kind!r}; choose one of {', '.join(SOURCES)}")
     if kind == "digits":
@@ -175,7 +200,7 @@ def load_source(kind: str, path: str | None = None, channels: int = 3) -> ImageS
     if kind == "npz":
         return npz_source(path)
     if kind == "folder":
-        return folder_source(path, channels)
+        return folder_source(path, channels, attributes_file)
     return cifar_source(path, 10 if kind == "cifar10" else 100)
 
 
@@ -191,6 +216,45 @@ def _check_labels(labels: np.ndarray, n: int, where: str, num_classes: int | Non
     if n and num_classes is not None and labels.max() >= num_classes:
         raise ValueError(f"{where}: label {labels.max()} is out of range for {num_classes} classes")
     return labels.astype(np.int64)
+
+
+def _check_attributes(
+    attributes: np.ndarray, names: list[str] | None, n: int, where: str
+) -> tuple[np.ndarray, list[str]]:
+    if attributes.ndim != 2 or len(attributes) != n or not np.issubdtype(attributes.dtype, np.integer):
+        raise ValueError(
+            f"{where}: 'attributes' must be integers of shape ({n}, A), got {attributes.dtype} {attributes.shape}"
+        )
+    values = set(np.unique(attributes).tolist())
+    if not values <= {-1, 0, 1}:
+        raise ValueError(f"{where}: 'attributes' must be binary (1 and 0 or -1), found {sorted(values)}")
+    names = names or [f"attr{j}" for j in range(attributes.shape[1])]
+    if len(names) != attributes.shape[1]:
+        raise ValueError(f"{where}: {len(names)} attribute names for {attributes.shape[1]} columns")
+    return (attributes == 1).astype(np.uint8), names
+
+
+def _read_attribute_table(path: Path, files: Sequence[Path]) -> tuple[np.ndarray, list[str]]:
+    """Attributes per file from a CelebA-style table, in the order of ``files``."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such attribute table")
+    lines = [line.split() for line in path.read_text().splitlines() if line.strip()]
+    if lines and len(lines[0]) == 1 and lines[0][0].isdigit():
+        lines = lines[1:]  # the count line
+    if not lines:
+        raise ValueError(f"{path}: empty attribute table")
+    names, rows = lines[0], {}
+    for number, row in enumerate(lines[1:], start=3):
+        if len(row) != len(names) + 1:
+            raise ValueError(f"{path}:{number}: {len(row) - 1} values for {len(names)} attributes")
+        try:
+            rows[row[0]] = [int(v) for v in row[1:]]
+        except ValueError as exn:
+            raise ValueError(f"{path}:{number}: values must be integers") from exn
+    missing = [f.name for f in files if f.name not in rows]
+    if missing:
+        raise ValueError(f"{path}: no attributes for {len(missing)} images, e.g. {missing[0]}")
+    return _check_attributes(np.asarray([rows[f.name] for f in files]), names, len(files), str(path))
 
 
 def _cifar_members(path: Path, names: list[str]) -> dict[str, bytes]:

@@ -24,25 +24,34 @@ def sample_grid(
     per_row: int,
     seed: int = 0,
     min_pixels: int = 32,
+    classes: Sequence[int] | None = None,
 ) -> Tensor:
-    """One row of ``per_row`` samples per temperature, as display intensities in [0, 1].
+    """Samples as display intensities in [0, 1], ``per_row`` to a row.
 
-    The same latent noise (from ``seed``) is scaled by each temperature, so rows differ only in
-    temperature. Conditional models get labels 0, 1, 2, ... along each row. Images smaller than
-    ``min_pixels`` are enlarged with nearest-neighbour so a grid of 8x8 digits is legible.
+    One row per temperature: the same latent noise (from ``seed``) scaled by each temperature, so
+    rows differ only in temperature; conditional models get labels 0, 1, 2, ... along each row.
+    With ``classes`` (conditional models), one row per class instead, at the first temperature.
+    Images smaller than ``min_pixels`` are enlarged with nearest-neighbour so 8x8 digits are legible.
     """
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
     base = model.sample_latents(per_row, 1.0, generator)
-    y = torch.arange(per_row, device=device) % model.num_classes if model.num_classes else None
-    rows = []
+    if classes is not None:
+        if not model.num_classes:
+            raise ValueError("classes need a class-conditional model (num_classes set)")
+        bad = [c for c in classes if not 0 <= c < model.num_classes]
+        if bad:
+            raise ValueError(f"class {bad[0]} is not in 0..{model.num_classes - 1}")
+        rows = [(temperatures[0], torch.full((per_row,), c, device=device)) for c in classes]
+    else:
+        y = torch.arange(per_row, device=device) % model.num_classes if model.num_classes else None
+        rows = [(t, y) for t in temperatures]
     with torch.no_grad():
-        for t in temperatures:
-            rows.append(to_unit_range(model.decode([t * z for z in base], y), n_bins))
+        images = torch.cat([to_unit_range(model.decode([t * z for z in base], y), n_bins) for t, y in rows])
     model.train(was_training)
-    images = torch.cat(rows).float().cpu()  # (len(temperatures) * per_row, C, H, W)
+    images = images.float().cpu()  # (rows * per_row, C, H, W)
     scale = max(1, -(-min_pixels // images.shape[-1]))
     if scale > 1:
         images = F.interpolate(images, scale_factor=scale, mode="nearest")

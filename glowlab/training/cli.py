@@ -41,7 +41,7 @@ class GlowCLI(LightningCLI):
             return
         results = {
             "test_bpd": float(self.trainer.callback_metrics["test_bpd"]),
-            "num_test_images": self.datamodule.split_size("test") - self.datamodule.skipped_samples,
+            "num_test_images": self.datamodule.split_size(self.datamodule.test_split) - self.datamodule.skipped_samples,
             "skipped": self.datamodule.skipped_samples,
             "data": self.datamodule.root,
             "checkpoint": checkpoint,

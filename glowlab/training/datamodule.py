@@ -24,7 +24,8 @@ class ShardDataModule(L.LightningDataModule):
     and test, so their bits/dim do not depend on the number of devices or workers. ``hflip`` and
     ``max_shift`` augment training images; ``bad_samples="skip"`` skips and counts bad samples
     instead of stopping. ``epoch_size`` (samples per epoch, default the training split) sets how
-    many batches make an epoch; every rank runs the same number.
+    many batches make an epoch; every rank runs the same number. ``test_split`` is the split the
+    test loop reads (``"test"``; evaluation jobs may point it at ``"val"`` or ``"train"``).
 
     References: Kingma & Dhariwal, "Glow: Generative Flow with Invertible 1x1 Convolutions", 2018.
     """
@@ -43,6 +44,7 @@ class ShardDataModule(L.LightningDataModule):
         epoch_size: int | None = None,
         seed: int = 0,
         eval_noise_seed: int = 0,
+        test_split: str = "test",
     ) -> None:
         super().__init__()
         if bad_samples not in BAD_SAMPLE_POLICIES:
@@ -68,6 +70,9 @@ class ShardDataModule(L.LightningDataModule):
         self.augment = Augment(hflip, max_shift) if hflip or max_shift else None
         self.bad_samples, self.epoch_size = bad_samples, epoch_size
         self.seed, self.eval_noise_seed = seed, eval_noise_seed
+        if test_split not in self.manifest["splits"]:
+            raise ValueError(f"data.test_split={test_split!r}: {root} has splits {', '.join(self.manifest['splits'])}")
+        self.test_split = test_split
         self._skipped = multiprocessing.get_context().Value("q", 0)
 
     @property
@@ -131,7 +136,7 @@ class ShardDataModule(L.LightningDataModule):
         return self._loader("val", train=False)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", train=False)
+        return self._loader(self.test_split, train=False)
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         levels, labels, indices = batch

@@ -1,0 +1,1 @@
+"""Jobs run on trained checkpoints: bits/dim, FID, samples, interpolation, attribute manipulation."""

@@ -1,0 +1,335 @@
+"""Evaluation and generation jobs: bits/dim, FID, sampling, interpolation, manipulation."""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from datasets import prepared_digits, synthetic_npz
+from PIL import Image
+
+from glowlab.cli import main
+from glowlab.data import PrepareOptions, load_source, prepare
+from glowlab.data.shards import read_samples
+from glowlab.jobs.bpd import evaluate_bpd
+from glowlab.jobs.classifier import to_uint8, train_classifier
+from glowlab.jobs.common import load_glow
+from glowlab.jobs.fid import INCEPTION_FILE, fid_from_stats, inception_weights, make_metric
+from glowlab.jobs.generate import attribute_direction, interpolate, levels_to_model, manipulate, slerp
+from glowlab.models import Glow
+from glowlab.training import GlowModule, ShardDataModule
+
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "digits.yaml"
+QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> dict[str, Path]:
+    """Digits prepared and a brief training run through the CLI (the start of the end-to-end job)."""
+    root = prepared_digits(tmp_path_factory.mktemp("digits"), shard_size=400)
+    logs = tmp_path_factory.mktemp("logs")
+    args = ["fit", "--config", str(CONFIG), "--data.root", str(root), "--trainer.max_steps", "120"]
+    main([*args, "--model.steps", "4", "--trainer.logger.init_args.save_dir", str(logs), *QUIET])
+    version = logs / "digits" / "version_0"
+    return {"data": root, "ckpt": version / "checkpoints" / "best.ckpt", "log": version}
+
+
+def test_evaluate_bpd_agrees_with_the_logged_validation_bpd(run, tmp_path) -> None:
+    one = evaluate_bpd(str(run["ckpt"]), str(run["data"]), split="val", draws=1, out=tmp_path / "val.json")
+    with open(run["log"] / "metrics.csv") as f:
+        logged = [float(r["val_bpd"]) for r in csv.DictReader(f) if r["val_bpd"]]
+    # best.ckpt is the lowest validation point; draw 0 is the noise validation used.
+    assert one["bpd"] == pytest.approx(min(logged), abs=1e-5)
+    assert one["num_images"] == 180 and json.loads((tmp_path / "val.json").read_text())["bpd"] == one["bpd"]
+    four = evaluate_bpd(str(run["ckpt"]), str(run["data"]), split="val", draws=4)
+    assert four["bpd_per_draw"][0] == pytest.approx(one["bpd"], abs=1e-9)
+    assert len(set(four["bpd_per_draw"])) == 4  # different dequantization noise per draw
+    assert four["bpd"] == pytest.approx(np.mean(four["bpd_per_draw"]), abs=1e-9)
+    assert 0 < four["stderr"] < 0.1
+
+
+def test_feature_classifier_learns_the_digits(run) -> None:
+    result = train_classifier(str(run["data"]), epochs=15)
+    assert result["val_accuracy"] > 0.85 and Path(result["path"]).is_file()
+
+
+def _fid_self_and_noise(metric_factory, images: torch.Tensor) -> list[float]:
+    values = []
+    for sigma in (0.0, 20.0, 60.0):
+        metric = metric_factory()
+        metric.update(images, real=True)
+        noisy = images.float() + sigma * torch.randn(images.shape, generator=torch.Generator().manual_seed(1))
+        metric.update(noisy.clamp(0, 255).to(torch.uint8), real=False)
+        values.append(
+            fid_from_stats(
+                *(
+                    {
+                        n: getattr(metric, f"{s}_{n}")
+                        for n in ("features_sum", "features_cov_sum", "features_num_samples")
+                    }
+                    for s in ("real", "fake")
+                )
+            )
+        )
+    return values
+
+
+def test_fid_is_zero_on_itself_and_grows_with_noise_classifier(run) -> None:
+    if not (run["data"] / "fid_classifier.pt").is_file():
+        train_classifier(str(run["data"]), epochs=5)
+    images = to_uint8(read_samples(str(run["data"]), "train", limit=400).levels, 17)
+    same, small, large = _fid_self_and_noise(lambda: make_metric("classifier", str(run["data"]))[0], images)
+    assert abs(same) < 1e-6 and same < small < large
+
+
+def random_inception_weights(path: Path, monkeypatch) -> Path:
+    """A structurally valid InceptionV3 weights file with random values (the real file is not shipped)."""
+    import torch_fidelity.feature_extractor_inceptionv3 as fe
+
+    with monkeypatch.context() as m:
+        m.setattr(fe, "load_state_dict_from_url", lambda *a, **k: {})
+        m.setattr(torch.nn.Module, "load_state_dict", lambda self, *a, **k: None)
+        model = fe.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    torch.save(model.state_dict(), path)
+    return path
+
+
+def test_fid_with_inception_weights_from_a_local_file(tmp_path, monkeypatch) -> None:
+    weights = random_inception_weights(tmp_path / "inception.pth", monkeypatch)
+    rng = np.random.default_rng(0)
+    images = torch.from_numpy(rng.integers(0, 256, (12, 1, 8, 8), dtype=np.uint8))  # grey: repeated to RGB
+    same, small, large = _fid_self_and_noise(lambda: make_metric("inception", str(tmp_path), weights)[0], images)
+    assert abs(same) < 1e-3 * large and same < small < large
+
+
+def test_missing_inception_weights_fail_at_once_with_a_helpful_message(tmp_path, monkeypatch, run, capsys) -> None:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    start = time.perf_counter()
+    with pytest.raises(FileNotFoundError) as err:
+        inception_weights()
+    message = str(err.value)
+    assert INCEPTION_FILE in message and str(tmp_path / "torch" / "hub" / "checkpoints") in message
+    assert "--inception-weights" in message
+    with pytest.raises(SystemExit) as exit_info:
+        main(["evaluate", "fid", "--ckpt", str(run["ckpt"]), "--data", str(run["data"]), "--num-samples", "4"])
+    assert exit_info.value.code == 2 and INCEPTION_FILE in capsys.readouterr().err
+    assert time.perf_counter() - start < 10
+
+
+def test_fid_parts_merge_to_the_single_run(run, tmp_path) -> None:
+    if not (run["data"] / "fid_classifier.pt").is_file():
+        train_classifier(str(run["data"]), epochs=5)
+    common = ["evaluate", "fid", "--ckpt", str(run["ckpt"]), "--data", str(run["data"]), "--features", "classifier"]
+    common += ["--num-samples", "50", "--batch-size", "20", "--cache-dir", str(tmp_path / "cache")]
+    main([*common, "--out", str(tmp_path / "fid.json")])
+    for p in range(3):
+        main([*common, "--part", str(p), "--parts", "3", "--out", str(tmp_path / f"part{p}.pt")])
+    main(
+        [
+            "evaluate",
+            "fid-merge",
+            *[str(tmp_path / f"part{p}.pt") for p in range(3)],
+            "--out",
+            str(tmp_path / "merged.json"),
+        ]
+    )
+    single, merged = (json.loads((tmp_path / n).read_text()) for n in ("fid.json", "merged.json"))
+    assert merged["fid"] == pytest.approx(single["fid"], rel=1e-6) and single["fid"] > 0
+    assert len(list((tmp_path / "cache").glob("*.pt"))) == 1  # real statistics computed once, then reused
+    with pytest.raises(SystemExit):
+        main(["evaluate", "fid-merge", str(tmp_path / "part0.pt"), "--out", str(tmp_path / "x.json")])
+
+
+def _tiny_model(num_classes: int | None = None) -> Glow:
+    torch.manual_seed(0)
+    model = Glow(image_shape=(1, 8, 8), levels=2, steps=2, hidden_channels=8, num_classes=num_classes)
+    x = torch.rand(16, 1, 8, 8) - 0.5
+    model.log_prob(x, torch.arange(16) % num_classes if num_classes else None)
+    return model.eval()
+
+
+@pytest.mark.parametrize("mode", ["linear", "slerp"])
+@pytest.mark.parametrize("num_classes", [None, 3])
+def test_interpolation_endpoints_reconstruct_the_inputs(mode: str, num_classes: int | None) -> None:
+    model = _tiny_model(num_classes)
+    levels = torch.randint(0, 17, (3, 1, 8, 8))
+    x = levels_to_model(levels, 17, "cpu")
+    y = torch.tensor([1]) if num_classes else None
+    frames = interpolate(model, x, steps=5, mode=mode, y=y)
+    assert frames.shape == (9, 1, 8, 8)
+    for frame, original in ((0, 0), (4, 1), (8, 2)):
+        assert (frames[frame] - x[original]).abs().max() < 1e-4
+        assert torch.equal(torch.floor((frames[frame] + 0.5) * 17).long(), levels[original])
+
+
+def test_slerp_keeps_the_norm_between_equal_norm_latents() -> None:
+    a, b = torch.randn(1, 4, 2, 2), torch.randn(1, 4, 2, 2)
+    b = b * a.norm() / b.norm()
+    mid = slerp(a, b, 0.5)
+    assert mid.norm().item() == pytest.approx(a.norm().item(), rel=1e-5)
+    assert torch.allclose(slerp(a, b, 0.0), a, atol=1e-6) and torch.allclose(slerp(a, b, 1.0), b, atol=1e-5)
+
+
+def test_manipulation_with_strength_zero_is_the_identity() -> None:
+    model = _tiny_model()
+    x = levels_to_model(torch.randint(0, 17, (6, 1, 8, 8)), 17, "cpu")
+    direction = attribute_direction(model, x, torch.tensor([1, 1, 1, 0, 0, 0]))
+    out = manipulate(model, x[:2], direction, [0.0, 1.0])
+    assert (out[0] - x[0]).abs().max() < 1e-4 and (out[2] - x[1]).abs().max() < 1e-4
+    assert (out[1] - x[0]).abs().max() > 1e-3
+    # Moving by the full direction shifts the latent mean of the "without" group onto the "with" group.
+    zs, _ = model.encode(x)
+    moved, _ = model.encode(manipulate(model, x[3:], direction, [1.0]))
+    for z, m in zip(zs, moved, strict=True):
+        assert torch.allclose(m.mean(0), z[:3].mean(0), atol=1e-3)
+    with pytest.raises(ValueError, match="some images and not others"):
+        attribute_direction(model, x, torch.ones(6))
+
+
+def test_attributes_travel_through_prepare(tmp_path) -> None:
+    npz = synthetic_npz(tmp_path / "s.npz", 12, (1, 8, 8))
+    arrays = dict(np.load(npz))
+    arrays["attributes"] = np.stack([np.arange(12) % 2 * 2 - 1, np.arange(12) // 6], axis=1)  # -1/1 and 0/1 columns
+    arrays["attribute_names"] = np.array(["Smiling", "Young"])
+    np.savez(npz, **arrays)
+    manifest = prepare(
+        load_source("npz", str(npz)), tmp_path / "out", PrepareOptions(val_fraction=0, test_fraction=0), progress=False
+    )
+    assert manifest["attribute_names"] == ["Smiling", "Young"]
+    samples = read_samples(str(tmp_path / "out"), "train", limit=12)
+    order = samples.levels.flatten(1)
+    source = load_source("npz", str(npz))
+    for row, attrs in zip(order, samples.attributes, strict=True):
+        i = next(j for j in range(12) if np.array_equal(source.image(j)[:, :, 0].flatten(), row.numpy()))
+        assert attrs.tolist() == [int(i % 2), int(i // 6)]
+
+
+def test_end_to_end_jobs_on_digits(run, tmp_path) -> None:
+    ckpt, data = str(run["ckpt"]), str(run["data"])
+    out = tmp_path
+    main(
+        [
+            "sample",
+            "--ckpt",
+            ckpt,
+            "--num-samples",
+            "8",
+            "--temperature",
+            "0",
+            "0.5",
+            "0.6",
+            "0.7",
+            "0.8",
+            "0.9",
+            "1",
+            "--out",
+            str(out / "sweep.png"),
+        ]
+    )
+    main(["evaluate", "bpd", "--ckpt", ckpt, "--data", data, "--draws", "2", "--out", str(out / "bpd.json")])
+    main(["evaluate", "train-classifier", "--data", data, "--epochs", "5"])
+    main(
+        [
+            "evaluate",
+            "fid",
+            "--ckpt",
+            ckpt,
+            "--data",
+            data,
+            "--features",
+            "classifier",
+            "--num-samples",
+            "200",
+            "--cache-dir",
+            str(out / "cache"),
+            "--out",
+            str(out / "fid.json"),
+        ]
+    )
+    main(
+        [
+            "interpolate",
+            "--ckpt",
+            ckpt,
+            "--data",
+            data,
+            "--indices",
+            "0",
+            "1",
+            "2",
+            "--steps",
+            "6",
+            "--mode",
+            "slerp",
+            "--out",
+            str(out / "interp.png"),
+        ]
+    )
+    main(
+        [
+            "manipulate",
+            "--ckpt",
+            ckpt,
+            "--data",
+            data,
+            "--attribute",
+            "class=0",
+            "--direction-images",
+            "600",
+            "--indices",
+            "0",
+            "1",
+            "--out",
+            str(out / "manip.png"),
+        ]
+    )
+    assert Image.open(out / "sweep.png").size == (8 * 34 + 2, 7 * 34 + 2)
+    assert Image.open(out / "interp.png").size == (11 * 34 + 2, 34 + 2)
+    assert Image.open(out / "manip.png").size == (5 * 34 + 2, 2 * 34 + 2)
+    bpd = json.loads((out / "bpd.json").read_text())
+    assert bpd["num_images"] == 359 and 0 < bpd["bpd"] < np.log2(17)
+    assert json.loads((out / "fid.json").read_text())["fid"] > 0
+    with pytest.raises(SystemExit):
+        main(["manipulate", "--ckpt", ckpt, "--data", data, "--attribute", "Smiling"])
+
+
+def test_conditional_sample_grid_by_class(run, tmp_path) -> None:
+    data = ShardDataModule(root=str(run["data"]), batch_size=32)
+    module = GlowModule(image_shape=(1, 8, 8), n_bins=17, levels=2, steps=1, hidden_channels=8, num_classes=10)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=2,
+        limit_val_batches=0,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(module, datamodule=data)
+    trainer.save_checkpoint(tmp_path / "cond.ckpt")
+    main(
+        [
+            "sample",
+            "--ckpt",
+            str(tmp_path / "cond.ckpt"),
+            "--num-samples",
+            "4",
+            "--classes",
+            "0",
+            "3",
+            "7",
+            "--out",
+            str(tmp_path / "classes.png"),
+        ]
+    )
+    assert Image.open(tmp_path / "classes.png").size == (4 * 34 + 2, 3 * 34 + 2)
+    model, n_bins = load_glow(tmp_path / "cond.ckpt", "cpu")
+    assert model.num_classes == 10 and n_bins == 17
+    with pytest.raises(SystemExit):
+        main(["sample", "--ckpt", str(run["ckpt"]), "--classes", "1", "--out", str(tmp_path / "x.png")])
