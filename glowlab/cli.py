@@ -275,6 +275,7 @@ def prepare_main(argv: list[str]) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``glowlab`` console script."""
+    explicit = argv
     argv = sys.argv[1:] if argv is None else list(argv)
     commands = {
         "sample": sample_main,
@@ -298,9 +299,10 @@ def main(argv: list[str] | None = None) -> None:
     GlowCLI(
         GlowModule,
         ShardDataModule,
-        args=argv,
+        args=None if explicit is None else argv,  # None: LightningCLI reads sys.argv itself
         parser_kwargs={"description": DESCRIPTION},
-        save_config_kwargs={"overwrite": False},
+        # A requeued SLURM job logs to the same folder again: its resolved config is the same.
+        save_config_kwargs={"overwrite": True},
     )
 
 

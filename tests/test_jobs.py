@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from datasets import prepared_digits, synthetic_npz
+from helpers import working_directory
 from PIL import Image
 
 from glowlab.cli import main
@@ -35,8 +36,9 @@ def run(tmp_path_factory) -> dict[str, Path]:
     root = prepared_digits(tmp_path_factory.mktemp("digits"), shard_size=400)
     logs = tmp_path_factory.mktemp("logs")
     args = ["fit", "--config", str(CONFIG), "--data.root", str(root), "--trainer.max_steps", "120"]
-    main([*args, "--model.steps", "4", "--trainer.logger.init_args.save_dir", str(logs), *QUIET])
-    version = logs / "digits" / "version_0"
+    with working_directory(logs):
+        main([*args, "--model.steps", "4", *QUIET])
+    version = logs / "runs" / "digits" / "version_0"
     return {"data": root, "ckpt": version / "checkpoints" / "best.ckpt", "log": version}
 
 

@@ -12,10 +12,11 @@ import lightning as L
 import pytest
 import torch
 from datasets import prepared, prepared_digits
+from helpers import working_directory
 from PIL import Image
 
 from glowlab.cli import main
-from glowlab.training import GlowModule, SampleGrid, ShardDataModule
+from glowlab.training import GlowModule, SampleGrid, ShardDataModule, Throughput
 from glowlab.training.cli import GlowCLI
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
@@ -90,21 +91,9 @@ def digits_run(tmp_path_factory, digits_root) -> Path:
     """A short run of the digits main job through the CLI, as a user would start it."""
     root = tmp_path_factory.mktemp("run")
     config = next(p for p in CONFIGS if p.stem == "digits")
-    main(
-        [
-            "fit",
-            "--config",
-            str(config),
-            "--trainer.max_steps",
-            "200",
-            "--trainer.logger.init_args.save_dir",
-            str(root),
-            "--data.root",
-            str(digits_root),
-            *QUIET,
-        ]
-    )
-    return root / "digits" / "version_0"
+    with working_directory(root):
+        main(["fit", "--config", str(config), "--trainer.max_steps", "200", "--data.root", str(digits_root), *QUIET])
+    return root / "runs" / "digits" / "version_0"
 
 
 def test_fit_on_digits_writes_checkpoints_samples_and_test_bpd(digits_run: Path) -> None:
@@ -135,10 +124,9 @@ def test_test_and_validate_subcommands(digits_run: Path, digits_root: Path, tmp_
     monkeypatch.chdir(tmp_path)
     config = str(next(p for p in CONFIGS if p.stem == "digits"))
     ckpt = str(digits_run / "checkpoints" / "best.ckpt")
-    common = ["--config", config, "--ckpt_path", ckpt, "--trainer.logger.init_args.save_dir", str(tmp_path)]
-    common += ["--data.root", str(digits_root), *QUIET]
+    common = ["--config", config, "--ckpt_path", ckpt, "--data.root", str(digits_root), *QUIET]
     main(["test", *common])
-    tested = json.loads((tmp_path / "digits" / "version_0" / "test_results.json").read_text())
+    tested = json.loads((tmp_path / "runs" / "digits" / "version_0" / "test_results.json").read_text())
     fitted = json.loads((digits_run / "test_results.json").read_text())
     assert tested["checkpoint"] == ckpt
     # The same checkpoint, images and (per-sample, seeded) dequantization noise: the same number.
@@ -200,16 +188,18 @@ def test_class_conditional_training_step_logs_class_loss(digits_root: Path) -> N
     trainer = L.Trainer(
         accelerator="cpu",
         max_epochs=1,
-        limit_train_batches=3,
+        limit_train_batches=4,
         limit_val_batches=1,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
+        callbacks=[Throughput(window=2)],
     )
     trainer.fit(module, datamodule=data)
     metrics = trainer.logged_metrics
     assert {"train_bpd_step", "train_class_bits_step", "grad_norm", "val_bpd", "val_class_acc"} <= set(metrics)
+    assert metrics["throughput/images_per_sec"] > 0 and metrics["throughput/images_per_sec_per_device"] > 0
     assert torch.isfinite(metrics["grad_norm"])
 
 

@@ -178,16 +178,26 @@ class Augment:
     hflip: bool = False
     max_shift: int = 0
 
-    def __call__(self, image: np.ndarray, rng: random.Random) -> np.ndarray:
-        if self.hflip and rng.random() < 0.5:
+    def draw(self, rng: random.Random) -> tuple[bool, int, int]:
+        """The random choices for one image: (flip, dy, dx). Drawn even when an image is skipped on
+        resume, so the generator stays in step with an uninterrupted run."""
+        flip = self.hflip and rng.random() < 0.5
+        s = self.max_shift
+        return (flip, rng.randint(-s, s), rng.randint(-s, s)) if s else (flip, 0, 0)
+
+    def apply(self, image: np.ndarray, choice: tuple[bool, int, int]) -> np.ndarray:
+        flip, dy, dx = choice
+        if flip:
             image = image[:, :, ::-1]
         if self.max_shift:
             s = self.max_shift
-            dy, dx = rng.randint(-s, s), rng.randint(-s, s)
             padded = np.pad(image, ((0, 0), (s, s), (s, s)), mode="edge")  # (C, H + 2s, W + 2s)
             h, w = image.shape[1:]
             image = padded[:, s + dy : s + dy + h, s + dx : s + dx + w]
         return np.ascontiguousarray(image)
+
+    def __call__(self, image: np.ndarray, rng: random.Random) -> np.ndarray:
+        return self.apply(image, self.draw(rng))
 
 
 class ShardStream(IterableDataset):
@@ -234,6 +244,7 @@ class ShardStream(IterableDataset):
         self.skipped = skipped
         self.slots = world_size * max(1, num_workers)
         self.batches_per_epoch = batches_per_epoch
+        self.skip_epochs = 0  # whole epochs each worker passes over when a run resumes
         self._stream: Iterator | None = None
 
     # Which shards and samples a slot reads in a pass.
@@ -247,19 +258,29 @@ class ShardStream(IterableDataset):
         worker = info.id if info is not None else 0
         return self.rank * max(1, self.num_workers) + worker, worker
 
-    def _samples(self, slot: int, shard_order: list[int]) -> Iterator[tuple[np.ndarray, int, int]]:
+    def _raw(self, slot: int, shard_order: list[int]) -> Iterator[dict]:
+        """Undecoded samples of this slot's share of one pass over ``shard_order``."""
         shards, sample_slot = self._assignment(slot, shard_order)
         for s in shards:
             try:
                 for raw in iter_tar(self.urls[s], self.counts[s]):
-                    if sample_slot is not None and int(raw["__key__"]) % self.slots != sample_slot:
-                        continue
-                    try:
-                        yield decode(raw, self.payload, self.image_shape, self.num_classes)
-                    except DataError as exn:
-                        self._bad(exn)
+                    if sample_slot is None or int(raw["__key__"]) % self.slots == sample_slot:
+                        yield raw
             except DataError as exn:
                 self._bad(exn)
+
+    def _decoded(self, raw: dict) -> tuple[np.ndarray, int, int] | None:
+        try:
+            return decode(raw, self.payload, self.image_shape, self.num_classes)
+        except DataError as exn:
+            self._bad(exn)
+            return None
+
+    def _samples(self, slot: int, shard_order: list[int]) -> Iterator[tuple[np.ndarray, int, int]]:
+        for raw in self._raw(slot, shard_order):
+            sample = self._decoded(raw)
+            if sample is not None:
+                yield sample
 
     def _bad(self, exn: DataError) -> None:
         if self.bad_samples == "error":
@@ -287,32 +308,39 @@ class ShardStream(IterableDataset):
             levels = torch.div(levels, 2 ** (8 - self.n_bits), rounding_mode="floor")
         return levels, torch.tensor([b[1] for b in batch]), torch.tensor([b[2] for b in batch])
 
-    def _train_samples(self, slot: int, worker: int) -> Iterator[tuple[np.ndarray, int, int]]:
+    def _train_samples(self, slot: int, worker: int, skip: int) -> Iterator[tuple[np.ndarray, int, int]]:
+        """Endless shuffled samples; the first ``skip`` are passed over without decoding (resume).
+
+        The shuffle buffer holds undecoded bytes and every random choice is drawn whether or not
+        the sample is skipped, so a resumed stream continues exactly where the interrupted one was.
+        """
         rng = random.Random(f"{self.seed}/{self.rank}/{worker}")
-        buffer: list[tuple[np.ndarray, int, int]] = []
+        buffer: list[dict] = []
         epoch = 0
         while True:
             order = list(range(len(self.urls)))
             random.Random(f"{self.seed}/pass{epoch}").shuffle(order)  # the same on every rank
             got = False
-            for sample in self._samples(slot, order):
+            for raw in self._raw(slot, order):
                 got = True
                 if len(buffer) < self.shuffle_buffer:
-                    buffer.append(sample)
+                    buffer.append(raw)
                     continue
                 j = rng.randrange(len(buffer))
-                sample, buffer[j] = buffer[j], sample
-                yield self._augmented(sample, rng)
+                raw, buffer[j] = buffer[j], raw
+                choice = self.augment.draw(rng) if self.augment is not None else None
+                if skip > 0:
+                    skip -= 1
+                    continue
+                sample = self._decoded(raw)
+                if sample is not None:
+                    image = sample[0] if choice is None else self.augment.apply(sample[0], choice)
+                    yield image, sample[1], sample[2]
             if not got and not buffer:
                 raise DataError(
                     f"no training samples could be read from {len(self.urls)} shards (first: {self.urls[0]})"
                 )
             epoch += 1
-
-    def _augmented(self, sample: tuple[np.ndarray, int, int], rng: random.Random) -> tuple[np.ndarray, int, int]:
-        if self.augment is None:
-            return sample
-        return self.augment(sample[0], rng), sample[1], sample[2]
 
     def worker_batches(self) -> int:
         """Batches one worker yields per training epoch; the rank's total is the same on every rank."""
@@ -342,7 +370,8 @@ class ShardStream(IterableDataset):
         # The stream persists across epochs (in the worker, with persistent workers), so each epoch
         # continues where the last one stopped instead of restarting at the first shard.
         if self._stream is None:
-            self._stream = self._batches(self._train_samples(slot, worker), drop_last=True)
+            skip = self.skip_epochs * self.worker_batches() * self.batch_size
+            self._stream = self._batches(self._train_samples(slot, worker, skip), drop_last=True)
         for _ in range(self.worker_batches()):
             yield next(self._stream)
 

@@ -1,7 +1,26 @@
 """The Lightning layer: module, data module, callbacks."""
 
-from glowlab.training.callbacks import GlowCheckpoint, SampleGrid, sample_grid, save_sample_grid
+from glowlab.training.callbacks import (
+    GlowCheckpoint,
+    Preemption,
+    SampleGrid,
+    Throughput,
+    sample_grid,
+    save_sample_grid,
+)
 from glowlab.training.datamodule import ShardDataModule
+from glowlab.training.loggers import GlowWandbLogger, ResumableCSVLogger
 from glowlab.training.module import GlowModule
 
-__all__ = ["GlowCheckpoint", "GlowModule", "SampleGrid", "ShardDataModule", "sample_grid", "save_sample_grid"]
+__all__ = [
+    "GlowCheckpoint",
+    "GlowModule",
+    "GlowWandbLogger",
+    "Preemption",
+    "ResumableCSVLogger",
+    "SampleGrid",
+    "ShardDataModule",
+    "Throughput",
+    "sample_grid",
+    "save_sample_grid",
+]

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -9,6 +14,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 from torchvision.utils import save_image
@@ -58,6 +64,20 @@ def sample_grid(
     return images
 
 
+def run_directory(trainer: L.Trainer) -> Path:
+    """The run's folder, as ``trainer.log_dir`` gives it but without its broadcast.
+
+    ``trainer.log_dir`` is a collective call under DDP; code that runs on rank 0 only (sample grids,
+    result files) must not make it, or the ranks' collectives fall out of step and training hangs.
+    """
+    if trainer.loggers:
+        logger = trainer.loggers[0]
+        if isinstance(logger, CSVLogger | TensorBoardLogger):
+            return Path(logger.log_dir)
+        return Path(logger.save_dir or trainer.default_root_dir)
+    return Path(trainer.default_root_dir)
+
+
 def save_sample_grid(images: Tensor, per_row: int, path: str | Path) -> Path:
     """Write ``images`` (N, C, H, W) in [0, 1] as a PNG grid with ``per_row`` images a row."""
     path = Path(path)
@@ -91,8 +111,11 @@ class SampleGrid(L.Callback):
 
     def _save(self, trainer: L.Trainer, pl_module: L.LightningModule, name: str) -> None:
         images = sample_grid(pl_module.model, pl_module.hparams.n_bins, self.temperatures, self.per_row, self.seed)
-        log_dir = trainer.log_dir or trainer.default_root_dir
-        self.last_path = save_sample_grid(images, self.per_row, Path(log_dir) / "samples" / name)
+        self.last_path = save_sample_grid(images, self.per_row, run_directory(trainer) / "samples" / name)
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                caption = f"rows: temperature {', '.join(map(str, self.temperatures))}"
+                logger.log_image("samples", [str(self.last_path)], step=trainer.global_step, caption=[caption])
 
     @rank_zero_only
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -119,3 +142,99 @@ class GlowCheckpoint(ModelCheckpoint):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.save_last and trainer.global_step != self._last_global_step_saved:
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
+class Throughput(L.Callback):
+    """Logs training images/s, overall and per device, averaged over ``window`` optimizer steps.
+
+    Images are counted from the micro-batches each rank sees times the number of ranks; the time is
+    wall clock between optimizer steps, so it includes data loading, forward, backward and the step.
+
+    References: Kingma & Dhariwal, "Glow: Generative Flow with Invertible 1x1 Convolutions", 2018.
+    """
+
+    def __init__(self, window: int = 20) -> None:
+        self.window = window
+        self._start: float | None = None
+        self._images = 0
+        self._steps = 0
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int
+    ) -> None:
+        now = time.perf_counter()
+        if self._start is None:  # the first batch includes start-up costs: measure from its end
+            self._start = now
+            return
+        self._images += batch[0].shape[0] * trainer.world_size
+        if trainer.fit_loop._should_accumulate():
+            return
+        self._steps += 1
+        if self._steps >= self.window:
+            rate = self._images / (now - self._start)
+            pl_module.log("throughput/images_per_sec", rate, on_step=True, on_epoch=False, rank_zero_only=True)
+            pl_module.log(
+                "throughput/images_per_sec_per_device",
+                rate / trainer.world_size,
+                on_step=True,
+                on_epoch=False,
+                rank_zero_only=True,
+            )
+            self._start, self._images, self._steps = now, 0, 0
+
+
+class Preemption(L.Callback):
+    """Checkpoint and requeue on ``SIGUSR1``, at a batch boundary that all ranks agree on.
+
+    SLURM sends the signal shortly before a time limit or preemption (``#SBATCH
+    --signal=SIGUSR1@90``). The handler only sets a flag; after the current training batch the
+    ranks combine their flags (an all-reduce), all write ``default_root_dir/hpc_ckpt_N.ckpt``
+    together, rank 0 runs ``scontrol requeue`` and the processes exit. Saving inside the signal
+    handler instead, as Lightning's own auto-requeue does, can start the checkpoint's collectives
+    while another rank is still inside the step's gradient all-reduce. A requeued job keeps its id
+    and output folder, and Lightning resumes from the newest ``hpc_ckpt`` there. Outside SLURM the
+    signal still checkpoints and stops the run cleanly.
+
+    References: Yoo et al., "SLURM: Simple Linux Utility for Resource Management", 2003.
+    """
+
+    def __init__(self, signal_name: str = "SIGUSR1") -> None:
+        self.signum = getattr(signal, signal_name)
+        self.received = False
+        self.saved_path: str | None = None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit" and threading.current_thread() is threading.main_thread():
+            signal.signal(self.signum, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        self.received = True
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int
+    ) -> None:
+        flag = torch.tensor([float(self.received)], device=pl_module.device)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        if not flag.item():
+            return
+        folder = Path(trainer.default_root_dir)
+        taken = [
+            int(p.stem.rsplit("_", 1)[1]) for p in folder.glob("hpc_ckpt_*.ckpt") if p.stem.rsplit("_", 1)[1].isdigit()
+        ]
+        self.saved_path = str(folder / f"hpc_ckpt_{max(taken, default=0) + 1}.ckpt")
+        trainer.save_checkpoint(self.saved_path)
+        job = os.environ.get("SLURM_JOB_ID")
+        if trainer.is_global_zero:
+            print(f"glowlab: signal received; checkpoint {self.saved_path} at step {trainer.global_step}", flush=True)
+            if job:
+                array = os.environ.get("SLURM_ARRAY_JOB_ID")
+                job = f"{array}_{os.environ['SLURM_ARRAY_TASK_ID']}" if array else job
+                result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+                print(
+                    f"glowlab: scontrol requeue {job}: {'done' if result.returncode == 0 else result.stderr.strip()}",
+                    flush=True,
+                )
+        if job:
+            raise SystemExit(0)  # the requeued job continues from the checkpoint
+        trainer.should_stop = True

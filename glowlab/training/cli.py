@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 from lightning.pytorch.cli import LightningCLI
+
+from glowlab.training.callbacks import run_directory
 
 
 class GlowCLI(LightningCLI):
@@ -46,6 +47,6 @@ class GlowCLI(LightningCLI):
             "data": self.datamodule.root,
             "checkpoint": checkpoint,
         }
-        path = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "test_results.json"
+        path = run_directory(self.trainer) / "test_results.json"
         path.write_text(json.dumps(results, indent=2) + "\n")
         print(f"test bits/dim {results['test_bpd']:.4f} on {results['num_test_images']} images -> {path}")

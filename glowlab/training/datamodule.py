@@ -13,6 +13,37 @@ from glowlab.data.shards import BAD_SAMPLE_POLICIES, Augment, ShardStream, read_
 from glowlab.likelihood import dequantize, per_sample_uniform
 
 
+class _TrainLoader(DataLoader):
+    """The training DataLoader, resumable mid-epoch.
+
+    Lightning saves its (empty) state in checkpoints and, on resume, calls ``load_state_dict``
+    after restoring its own progress counters and before iterating: the loader then reads how many
+    batches were completed, has each worker pass over the finished epochs without decoding, and
+    drops the batches of the interrupted epoch that were already trained on.
+    """
+
+    def __init__(self, dataset: ShardStream, datamodule: ShardDataModule, **kwargs: Any) -> None:
+        super().__init__(dataset, **kwargs)
+        self._datamodule = datamodule
+        self._drop = 0
+
+    def state_dict(self) -> dict:
+        return {"format": "glowlab-shard-stream", "version": 1}
+
+    def load_state_dict(self, state: dict) -> None:
+        done = self._datamodule.completed_training_batches()
+        per_epoch = len(self)
+        self.dataset.skip_epochs, self._drop = divmod(done, per_epoch)
+        self._datamodule.train_batches = done
+
+    def __iter__(self) -> Any:
+        iterator = super().__iter__()
+        for _ in range(self._drop):
+            next(iterator)
+        self._drop = 0
+        return iterator
+
+
 class ShardDataModule(L.LightningDataModule):
     """Train/val/test batches from a data set written by ``glowlab prepare``.
 
@@ -20,8 +51,12 @@ class ShardDataModule(L.LightningDataModule):
     manifest fixes the image shape, class count and grey levels; ``n_bits`` (default: the
     manifest's hint, else all levels) keeps the top bits of 8-bit data. Batches leave the loader as
     integer levels and are dequantized after the transfer to the device: fresh noise per training
-    batch, and noise fixed per sample (by ``eval_noise_seed`` and the sample index) for validation
-    and test, so their bits/dim do not depend on the number of devices or workers. ``hflip`` and
+    batch (seeded by ``seed``, the rank and the batch number, so a resumed run draws what the
+    uninterrupted one would have), and noise fixed per sample (by ``eval_noise_seed`` and the
+    sample index) for validation and test, so their bits/dim do not depend on the number of
+    devices or workers. ``batch_size`` is the global batch of one optimizer step: each device gets
+    ``batch_size / (devices x accumulate_grad_batches)`` images a micro-batch, so changing the
+    device count keeps the optimisation the same. ``eval_batch_size`` is per device. ``hflip`` and
     ``max_shift`` augment training images; ``bad_samples="skip"`` skips and counts bad samples
     instead of stopping. ``epoch_size`` (samples per epoch, default the training split) sets how
     many batches make an epoch; every rank runs the same number. ``test_split`` is the split the
@@ -74,6 +109,7 @@ class ShardDataModule(L.LightningDataModule):
             raise ValueError(f"data.test_split={test_split!r}: {root} has splits {', '.join(self.manifest['splits'])}")
         self.test_split = test_split
         self._skipped = multiprocessing.get_context().Value("q", 0)
+        self.train_batches = 0  # training micro-batches dequantized so far on this rank
 
     @property
     def skipped_samples(self) -> int:
@@ -87,17 +123,39 @@ class ShardDataModule(L.LightningDataModule):
         trainer = self.trainer
         return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
 
+    def micro_batch_size(self) -> int:
+        """Images per device and micro-batch: the global batch over devices and accumulation steps."""
+        _, world = self._rank_world()
+        accumulate = self.trainer.accumulate_grad_batches if self.trainer is not None else 1
+        if self.batch_size % (world * accumulate):
+            raise ValueError(
+                f"data.batch_size={self.batch_size} is the global batch; it must divide evenly over "
+                f"{world} device(s) x {accumulate} accumulation step(s)"
+            )
+        return self.batch_size // (world * accumulate)
+
+    def completed_training_batches(self) -> int:
+        """Training micro-batches this rank has finished, from the trainer's restored progress."""
+        progress = self.trainer.fit_loop.epoch_loop.batch_progress.total
+        # A checkpoint written at the end of a batch counts that batch as processed, not completed.
+        ended_batch = (
+            progress.processed == progress.started == progress.ready and progress.completed == progress.processed - 1
+        )
+        return progress.processed if ended_batch else progress.completed
+
     def _stream(self, split: str, train: bool) -> ShardStream:
         rank, world = self._rank_world()
         urls = shard_urls(self.root, self.manifest, split)
         counts = [s["count"] for s in self.manifest["splits"][split]["shards"]]
         size = self.split_size(split)
         if train:
-            per_epoch = (self.epoch_size or size) // (world * self.batch_size)
+            micro = self.micro_batch_size()
+            accumulate = self.trainer.accumulate_grad_batches if self.trainer is not None else 1
+            per_epoch = (self.epoch_size or size) // self.batch_size * accumulate  # micro-batches per rank
             if per_epoch < 1:
                 raise ValueError(
-                    f"data.batch_size={self.batch_size} on {world} device(s) needs at least "
-                    f"{world * self.batch_size} training images per epoch; {self.root} has {size}"
+                    f"data.batch_size={self.batch_size} (global) needs at least that many training images "
+                    f"per epoch; {self.root} has {self.epoch_size or size}"
                 )
         elif size < world:
             raise ValueError(f"the {split} split of {self.root} has {size} images, fewer than the {world} devices")
@@ -105,7 +163,7 @@ class ShardDataModule(L.LightningDataModule):
             urls,
             counts,
             self.manifest,
-            self.batch_size if train else self.eval_batch_size,
+            micro if train else self.eval_batch_size,
             train=train,
             rank=rank,
             world_size=world,
@@ -120,14 +178,15 @@ class ShardDataModule(L.LightningDataModule):
         )
 
     def _loader(self, split: str, train: bool) -> DataLoader:
-        return DataLoader(
-            self._stream(split, train),
+        options = dict(
             batch_size=None,  # the stream batches, so each rank's batch count is exact
             num_workers=self.num_workers,
             # Persistent workers keep the training stream's position from one epoch to the next.
             persistent_workers=self.num_workers > 0 and train,
             pin_memory=torch.cuda.is_available(),
         )
+        stream = self._stream(split, train)
+        return _TrainLoader(stream, self, **options) if train else DataLoader(stream, **options)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", train=True)
@@ -140,6 +199,11 @@ class ShardDataModule(L.LightningDataModule):
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         levels, labels, indices = batch
-        training = self.trainer is not None and self.trainer.training
-        noise = None if training else per_sample_uniform(indices.cpu(), tuple(levels.shape[1:]), self.eval_noise_seed)
+        if self.trainer is not None and self.trainer.training:
+            rank, _ = self._rank_world()
+            generator = torch.Generator(device=levels.device)
+            generator.manual_seed((self.seed * 1_000_003 + rank) * 1_000_000_007 + self.train_batches)
+            self.train_batches += 1
+            return dequantize(levels, self.n_bins, generator=generator), labels, indices
+        noise = per_sample_uniform(indices.cpu(), tuple(levels.shape[1:]), self.eval_noise_seed)
         return dequantize(levels, self.n_bins, noise=noise), labels, indices
