@@ -37,8 +37,15 @@ def main(root: str, out: str) -> None:
     data = ShardDataModule(
         root=root, batch_size=16, eval_batch_size=50, num_workers=2, shuffle_buffer=16, epoch_size=640
     )
+    # Invertible backprop under DDP: its ActNorm init and gradients must agree across ranks too.
     model = GlowModule(
-        image_shape=data.image_shape, n_bins=data.n_bins, levels=2, steps=2, hidden_channels=16, warmup_steps=5
+        image_shape=data.image_shape,
+        n_bins=data.n_bins,
+        levels=2,
+        steps=2,
+        hidden_channels=16,
+        warmup_steps=5,
+        memory="invertible",
     )
     recorder = Recorder()
     trainer = L.Trainer(

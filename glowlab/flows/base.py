@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 
+import torch
 from torch import Tensor, nn
 
 
@@ -36,7 +37,7 @@ class FlowSequence(Flow):
         self.layers = nn.ModuleList(layers)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        logdet = x.new_zeros(x.shape[0])
+        logdet = x.new_zeros(x.shape[0], dtype=_accumulation_dtype(x.dtype))
         for layer in self.layers:
             x, ld = layer(x)
             logdet = logdet + ld
@@ -48,16 +49,22 @@ class FlowSequence(Flow):
         return y
 
 
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    # Log-determinants and log-densities are sums over many terms: never accumulate them in 16 bits.
+    return torch.promote_types(dtype, torch.float32)
+
+
 def sum_except_batch(x: Tensor) -> Tensor:
-    """Sum over every dimension but the first: a per-example total of shape ``(B,)``."""
-    return x.reshape(x.shape[0], -1).sum(dim=1)
+    """Sum over every dimension but the first: a per-example total of shape ``(B,)``, in >= float32."""
+    return x.reshape(x.shape[0], -1).sum(dim=1, dtype=_accumulation_dtype(x.dtype))  # (B, D) -> (B,)
 
 
 def constant_logdet(value: Tensor, x: Tensor) -> Tensor:
     """Broadcast a data-independent log-determinant (a scalar) to shape ``(B,)``."""
-    return value.expand(x.shape[0]).to(x.dtype)
+    return value.expand(x.shape[0]).to(_accumulation_dtype(x.dtype))
 
 
 def standard_normal_log_prob(z: Tensor) -> Tensor:
     """Log-density of ``z`` under N(0, I), summed per example: shape ``(B,)``."""
+    z = z.to(_accumulation_dtype(z.dtype))
     return sum_except_batch(-0.5 * (z * z + math.log(2 * math.pi)))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from glowlab.flows.base import Flow, sum_except_batch
@@ -41,21 +40,22 @@ class AffineCoupling(Flow):
         self.split = num_channels // 2
         self.net = coupling_net(self.split, hidden_channels, 2 * (num_channels - self.split))
 
-    def _shift_logscale(self, x_a: Tensor) -> tuple[Tensor, Tensor]:
+    def _shift_scale(self, x_a: Tensor) -> tuple[Tensor, Tensor]:
         h = self.net(x_a)
         # Interleaved channels, as in the reference implementation: even = shift, odd = scale.
-        return h[:, 0::2], F.logsigmoid(h[:, 1::2] + 2.0)
+        return h[:, 0::2], torch.sigmoid(h[:, 1::2] + 2.0)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         x_a, x_b = x[:, : self.split], x[:, self.split :]
-        shift, logscale = self._shift_logscale(x_a)
-        y_b = (x_b + shift) * logscale.exp()
-        return torch.cat([x_a, y_b], dim=1), sum_except_batch(logscale)
+        shift, scale = self._shift_scale(x_a)
+        # One saved tensor (scale) serves the sigmoid, the product and the log: less activation memory.
+        y_b = (x_b + shift) * scale
+        return torch.cat([x_a, y_b], dim=1), sum_except_batch(torch.log(scale))
 
     def inverse(self, y: Tensor) -> Tensor:
         y_a, y_b = y[:, : self.split], y[:, self.split :]
-        shift, logscale = self._shift_logscale(y_a)
-        return torch.cat([y_a, y_b * (-logscale).exp() - shift], dim=1)
+        shift, scale = self._shift_scale(y_a)
+        return torch.cat([y_a, y_b / scale - shift], dim=1)
 
 
 class AdditiveCoupling(Flow):

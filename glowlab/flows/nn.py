@@ -26,4 +26,7 @@ class ZeroConv2d(nn.Module):
         self.logs = nn.Parameter(torch.zeros(1, out_channels, 1, 1))
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.conv2d(x, self.weight, self.bias, padding=1) * (self.logs * self.logscale_factor).exp()
+        # The output scale is folded into the (small) kernel and bias, so backprop keeps no extra
+        # copy of the (large) output.
+        scale = (self.logs * self.logscale_factor).exp().flatten()  # (1, out, 1, 1) -> (out,)
+        return F.conv2d(x, self.weight * scale[:, None, None, None], self.bias * scale, padding=1)

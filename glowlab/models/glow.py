@@ -19,6 +19,9 @@ from glowlab.flows import (
     make_permutation,
     standard_normal_log_prob,
 )
+from glowlab.flows.invertible import invertible_forward
+
+MEMORY_MODES = ("standard", "invertible")
 
 
 class GlowOutput(NamedTuple):
@@ -58,6 +61,9 @@ class Glow(nn.Module):
     ``log_prob(x) = log N(zs; 0, I) + logdet``, in nats of the continuous density on [-0.5, 0.5)^D.
     With ``num_classes`` the top prior is class-conditional and a linear head on the top latent
     predicts the class (the paper's auxiliary loss); pass ``y`` to every method then.
+    ``memory="invertible"`` trains without storing activations inside a level: the backward pass
+    rebuilds each level's input from its output with the exact inverse (see
+    :mod:`glowlab.flows.invertible`); results and gradients are those of ``"standard"``.
 
     References: Kingma & Dhariwal, "Glow: Generative Flow with Invertible 1x1 Convolutions", 2018.
     """
@@ -72,8 +78,12 @@ class Glow(nn.Module):
         permutation: str = "lu",
         learn_top: bool = True,
         num_classes: int | None = None,
+        memory: str = "standard",
     ) -> None:
         super().__init__()
+        if memory not in MEMORY_MODES:
+            raise ValueError(f"memory={memory!r} is not one of {', '.join(map(repr, MEMORY_MODES))}")
+        self.memory = memory
         if coupling not in COUPLINGS:
             raise ValueError(f"coupling={coupling!r} is not one of {', '.join(map(repr, COUPLINGS))}")
         if permutation not in PERMUTATIONS:
@@ -129,16 +139,22 @@ class Glow(nn.Module):
             raise ValueError(
                 f"expected images of shape (B, {', '.join(map(str, self.image_shape))}), got {tuple(x.shape)}"
             )
-        logdet = x.new_zeros(x.shape[0])
+        logdet = x.new_zeros(x.shape[0], dtype=torch.promote_types(x.dtype, torch.float32))
         zs: list[Tensor] = []
         h = x
         for i, level in enumerate(self.levels):
-            h, ld = level(h)
-            logdet = logdet + ld
-            if i < len(self.splits):
-                h, ld = self.splits[i](h)
+            split = self.splits[i] if i < len(self.splits) else None
+            if self.memory == "invertible":
+                h, ld = invertible_forward([*level.layers, *([split] if split is not None else [])], h)
                 logdet = logdet + ld
-                h, z = self.splits[i].chunk(h)
+            else:
+                h, ld = level(h)
+                logdet = logdet + ld
+                if split is not None:
+                    h, ld = split(h)
+                    logdet = logdet + ld
+            if split is not None:
+                h, z = split.chunk(h)
                 zs.append(z)
         class_logits = self.class_head(h.mean(dim=(2, 3))) if self.class_head is not None else None
         z, ld = self.top_prior(h, y)

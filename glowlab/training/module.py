@@ -39,6 +39,7 @@ class GlowModule(L.LightningModule):
         permutation: str = "lu",
         learn_top: bool = True,
         num_classes: int | None = None,
+        memory: str = "standard",
         class_weight: float = 0.01,
         optimizer: str = "adamax",
         lr: float = 1e-3,
@@ -60,6 +61,7 @@ class GlowModule(L.LightningModule):
             permutation=permutation,
             learn_top=learn_top,
             num_classes=num_classes,
+            memory=memory,
         )
         # Evaluation averages per image over all ranks exactly (sums and counts are all-reduced).
         names = ["bpd", "class_bits", "class_acc"] if num_classes else ["bpd"]

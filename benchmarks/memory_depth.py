@@ -1,0 +1,124 @@
+"""Peak memory of training against depth: standard against invertible backprop.
+
+Each measurement runs in a fresh process (peak RSS on a CPU; ``torch.cuda.max_memory_allocated``
+on a GPU) for Glow at the CIFAR shape (3x32x32, L=3) with K = 8, 16, 32 steps per level: model,
+Adam, and ``--steps`` full training steps. Prints the peak, the part of it above the memory held
+after the first step's parameters, gradients and optimizer state exist ("activations": what
+backprop keeps), the seconds per step, and the ratios that matter: invertible K=32 over K=8, and
+invertible over standard time.
+
+    python benchmarks/memory_depth.py                      # CPU, width 128, batch 32 (a few minutes)
+    python benchmarks/memory_depth.py --device cuda --width 512 --batch 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+
+def measure(mode: str, depth: int, width: int, batch: int, steps: int, device: str) -> dict:
+    import torch
+
+    from glowlab.likelihood import bits_per_dim
+    from glowlab.models import Glow
+
+    torch.manual_seed(0)
+    model = Glow(image_shape=(3, 32, 32), levels=3, steps=depth, hidden_channels=width, memory=mode).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    x = torch.rand(batch, 3, 32, 32, device=device) - 0.5
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=False)
+        bits_per_dim(model.log_prob(x), model.num_dims, 256).mean().backward()
+        optimizer.step()
+
+    def used() -> float:
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+            return torch.cuda.max_memory_allocated() / 2**20
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB
+
+    step()  # parameters, gradients and Adam state now exist
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated() / 2**20
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        base = _current_rss_mib()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    seconds = (time.perf_counter() - start) / steps
+    peak = used()
+    return {"mode": mode, "K": depth, "peak_mib": peak, "activations_mib": peak - base, "s_per_step": seconds}
+
+
+def _current_rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        pages = int(f.read().split()[1])
+    return pages * resource.getpagesize() / 2**20
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--width", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--depths", type=int, nargs="+", default=[8, 16, 32])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--worker", nargs=2, metavar=("MODE", "K"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(measure(args.worker[0], int(args.worker[1]), args.width, args.batch, args.steps, args.device)))
+        return
+    rows = []
+    for depth in args.depths:
+        for mode in ("standard", "invertible"):
+            cmd = [
+                sys.executable,
+                __file__,
+                "--worker",
+                mode,
+                str(depth),
+                "--width",
+                str(args.width),
+                "--batch",
+                str(args.batch),
+                "--steps",
+                str(args.steps),
+                "--device",
+                args.device,
+            ]
+            # Allocations of 64 KiB and more go straight to mmap, so freed activations leave the RSS
+            # at once and the peak RSS tracks live memory (glibc would otherwise keep them cached).
+            env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
+            rows.append(json.loads(out.strip().splitlines()[-1]))
+            r = rows[-1]
+            print(
+                f"{r['mode']:>10}  K={r['K']:<3} peak {r['peak_mib']:8.0f} MiB  "
+                f"activations {r['activations_mib']:8.0f} MiB  "
+                f"{r['s_per_step']:7.2f} s/step",
+                flush=True,
+            )
+    by = {(r["mode"], r["K"]): r for r in rows}
+    lo, hi = min(args.depths), max(args.depths)
+    for mode in ("standard", "invertible"):
+        print(
+            f"{mode:>10}  K={hi} / K={lo}: peak {by[mode, hi]['peak_mib'] / by[mode, lo]['peak_mib']:.2f}x, "
+            f"activations {by[mode, hi]['activations_mib'] / max(by[mode, lo]['activations_mib'], 1):.2f}x"
+        )
+    for depth in args.depths:
+        ratio = by["invertible", depth]["s_per_step"] / by["standard", depth]["s_per_step"]
+        print(f"time invertible / standard at K={depth}: {ratio:.2f}x")
+    print(f"(width {args.width}, batch {args.batch}, {args.device})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,205 @@
+"""Training and sampling throughput of glowlab's Glow against normflows' on the same config.
+
+Reference config: image 3x32x32, L=3, K=8, hidden width 128, affine coupling, LU 1x1 conv, batch
+16, float32. normflows (the PyPI package) builds it from ``GlowBlock`` and ``MultiscaleFlow`` as in
+its Glow example. Machines drift by +-20% between processes, so both models live in one process
+and single training steps (forward, backward, Adam step) alternate between them; the script
+prints medians and the median of the per-pair time ratios. Sampling alternates the same way.
+Peak memory (what a training step needs above parameters, gradients and Adam state) is measured
+per model in a fresh process: peak RSS on a CPU, ``torch.cuda.max_memory_allocated`` on a GPU.
+
+    pip install normflows
+    python benchmarks/throughput_vs_normflows.py               # CPU
+    python benchmarks/throughput_vs_normflows.py --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+SHAPE, LEVELS, STEPS, WIDTH = (3, 32, 32), 3, 8, 128
+
+
+def glowlab_model(width: int, compile_model: bool = False) -> torch.nn.Module:
+    from glowlab.models import Glow
+
+    model = Glow(
+        image_shape=SHAPE, levels=LEVELS, steps=STEPS, hidden_channels=width, coupling="affine", permutation="lu"
+    )
+    return torch.compile(model) if compile_model else model
+
+
+def normflows_model(width: int) -> torch.nn.Module:
+    """normflows' multiscale Glow, built as in its Glow example (unconditional base)."""
+    import normflows as nf
+
+    channels = SHAPE[0]
+    q0, merges, flows = [], [], []
+    for i in range(LEVELS):
+        level = [
+            nf.flows.GlowBlock(channels * 2 ** (LEVELS + 1 - i), width, split_mode="channel", scale=True)
+            for _ in range(STEPS)
+        ]
+        level += [nf.flows.Squeeze()]
+        flows += [level]
+        if i > 0:
+            merges += [nf.flows.Merge()]
+            latent = (channels * 2 ** (LEVELS - i), SHAPE[1] // 2 ** (LEVELS - i), SHAPE[2] // 2 ** (LEVELS - i))
+        else:
+            latent = (channels * 2 ** (LEVELS + 1), SHAPE[1] // 2**LEVELS, SHAPE[2] // 2**LEVELS)
+        q0 += [nf.distributions.GlowBase(latent)]
+    return nf.MultiscaleFlow(q0, flows, merges, class_cond=False)
+
+
+def trainer(kind: str, model: torch.nn.Module, x: torch.Tensor):
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        loss = -model.log_prob(x).mean() if kind == "glowlab" else model.forward_kld(x + 0.5)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def sampler(model: torch.nn.Module, n: int):
+    def draw() -> None:
+        with torch.no_grad():
+            model.sample(n)  # both libraries call it sample(n): n images at temperature 1
+
+    return draw
+
+
+def timed(fn, device: str) -> float:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def peak_memory(kind: str, width: int, batch: int, device: str) -> float:
+    """Memory a training step needs above the model, gradients and optimizer state, in MiB."""
+    torch.manual_seed(0)
+    model = (glowlab_model(width) if kind == "glowlab" else normflows_model(width)).to(device)
+    step = trainer(kind, model, torch.rand(batch, *SHAPE, device=device) - 0.5)
+    step()  # gradients and Adam state now exist
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        for _ in range(2):
+            step()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    with open("/proc/self/statm") as f:
+        base = int(f.read().split()[1]) * resource.getpagesize() / 2**20
+    for _ in range(2):
+        step()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base
+
+
+def saved_activations(kind: str, model: torch.nn.Module, x: torch.Tensor) -> float:
+    """MiB that autograd keeps for the backward pass of one training loss (distinct storages)."""
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = -model.log_prob(x).mean() if kind == "glowlab" else model.forward_kld(x + 0.5)
+    del loss
+    return sum(storages.values()) / 2**20
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--width", type=int, default=WIDTH)
+    parser.add_argument("--normflows-width", type=int, help="default: --width")
+    parser.add_argument("--pairs", type=int, default=20, help="alternating training steps per model")
+    parser.add_argument("--compile", action="store_true", help="torch.compile glowlab's model")
+    parser.add_argument("--memory-worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    nf_width = args.normflows_width or args.width
+    if args.memory_worker:
+        width = args.width if args.memory_worker == "glowlab" else nf_width
+        print(json.dumps(peak_memory(args.memory_worker, width, args.batch, args.device)))
+        return
+
+    torch.manual_seed(0)
+    models = {
+        "glowlab": glowlab_model(args.width, args.compile).to(args.device),
+        "normflows": normflows_model(nf_width).to(args.device),
+    }
+    params = {k: sum(p.numel() for p in m.parameters()) for k, m in models.items()}
+    x = torch.rand(args.batch, *SHAPE, device=args.device) - 0.5
+    steps = {k: trainer(k, m, x) for k, m in models.items()}
+    draws = {k: sampler(m, args.batch) for k, m in models.items()}
+    for k in models:  # ActNorm initialisation, allocator and (with --compile) compilation
+        for _ in range(2):
+            steps[k]()
+            draws[k]()
+    train_t = {k: [] for k in models}
+    sample_t = {k: [] for k in models}
+    for i in range(args.pairs):
+        order = list(models) if i % 2 == 0 else list(models)[::-1]
+        for k in order:
+            train_t[k].append(timed(steps[k], args.device))
+        for k in order:
+            sample_t[k].append(timed(draws[k], args.device))
+    peak = {}
+    for k in models:
+        cmd = [
+            sys.executable,
+            __file__,
+            "--memory-worker",
+            k,
+            "--device",
+            args.device,
+            "--batch",
+            str(args.batch),
+            "--width",
+            str(args.width),
+            "--normflows-width",
+            str(nf_width),
+        ]
+        peak[k] = json.loads(
+            subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+        )
+
+    def rate(times: list[float]) -> float:
+        return args.batch / statistics.median(times)
+
+    train_ratio = statistics.median(n / g for g, n in zip(train_t["glowlab"], train_t["normflows"], strict=True))
+    sample_ratio = statistics.median(n / g for g, n in zip(sample_t["glowlab"], sample_t["normflows"], strict=True))
+    saved = {k: saved_activations(k, m, x) for k, m in models.items()}
+    print(f"config: 3x32x32, L={LEVELS}, K={STEPS}, affine, LU 1x1, batch {args.batch}, float32, {args.device}")
+    for k in models:
+        print(
+            f"{k:>10}: {params[k] / 1e6:6.2f} M params  train {rate(train_t[k]):8.1f} img/s  "
+            f"sample {rate(sample_t[k]):8.1f} img/s  saved for backward {saved[k]:6.1f} MiB  "
+            f"step RSS {peak[k]:6.0f} MiB"
+        )
+    print(f"parameter ratio glowlab/normflows: {params['glowlab'] / params['normflows']:.3f}")
+    print(f"training throughput, glowlab / normflows (median of {args.pairs} alternating pairs): {train_ratio:.2f}x")
+    print(f"sampling throughput, glowlab / normflows: {sample_ratio:.2f}x")
+    print(f"saved for backward, glowlab / normflows: {saved['glowlab'] / saved['normflows']:.2f}x")
+    print(f"step RSS above weights, glowlab / normflows: {peak['glowlab'] / peak['normflows']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
