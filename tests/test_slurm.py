@@ -6,6 +6,7 @@ import csv
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -28,6 +29,10 @@ def cluster(tmp_path_factory) -> dict[str, str]:
     state = tmp_path_factory.mktemp("slurm")
     env = {**os.environ, "GLOWLAB_SLURM_DIR": str(state), "SLURM_CONF": str(state / "slurm.conf")}
     script = str(ROOT / "slurm" / "local-cluster.sh")
+    if shutil.which("slurmctld") is None:
+        # A fresh Debian machine: install the packages (root and apt needed; that is what CI has).
+        installed = subprocess.run([script, "install"], env=env, timeout=900, capture_output=True, text=True)
+        assert installed.returncode == 0, f"could not install SLURM with {script} install:\n{installed.stderr[-2000:]}"
     subprocess.run([script, "start"], check=True, env=env, timeout=120)
     yield env
     subprocess.run([script, "stop"], env=env, timeout=60)
