@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -90,7 +89,3 @@ def levels_to_model(levels: Tensor, n_bins: int, device: torch.device | str) -> 
 
 def save(images: Tensor, per_row: int, out: str | Path) -> Path:
     return save_sample_grid(images, per_row, out)
-
-
-def grid_shape(n: int) -> int:
-    return max(1, round(math.sqrt(n)))
