@@ -173,13 +173,7 @@ def _write_shard(args: tuple[_ShardTask, PrepareOptions, str, tuple[int, int, in
     with open(partial, "rb+") as f:
         os.fsync(f.fileno())
     os.replace(partial, path)
-    return {
-        "split": task.split,
-        "name": task.name,
-        "count": len(task.indices),
-        "size": path.stat().st_size,
-        "sha256": sha256_of(path),
-    }
+    return _shard_entry(path, task)
 
 
 def _tasks(order: dict[str, np.ndarray], shard_size: int) -> Iterator[_ShardTask]:
@@ -227,7 +221,7 @@ def prepare(
     shape = _expected_shape(source, order, options)
     tasks = list(_tasks(order, options.shard_size))
     done = {p.name for p in out.glob("*.tar")}
-    entries = [_reuse(out / t.name, t) for t in tasks if t.name in done]
+    entries = [_shard_entry(out / t.name, t) for t in tasks if t.name in done]
     todo = [t for t in tasks if t.name not in done]
     bar = _progress(sum(len(t.indices) for t in tasks), sum(e["count"] for e in entries), progress, out)
     jobs = [(t, options, str(out), shape) for t in todo]
@@ -285,7 +279,9 @@ def _num_classes(source: ImageSource) -> int | None:
     return int(source.labels.max()) + 1 if source.labels is not None and len(source.labels) else None
 
 
-def _reuse(path: Path, task: _ShardTask) -> dict:
+def _shard_entry(path: Path, task: _ShardTask) -> dict:
+    """The manifest entry of a finished shard (also of one kept from an interrupted run)."""
+
     return {
         "split": task.split,
         "name": task.name,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -37,16 +37,26 @@ class FlowSequence(Flow):
         self.layers = nn.ModuleList(layers)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        logdet = x.new_zeros(x.shape[0], dtype=_accumulation_dtype(x.dtype))
-        for layer in self.layers:
-            x, ld = layer(x)
-            logdet = logdet + ld
-        return x, logdet
+        return chain_forward(self.layers, x)
 
     def inverse(self, y: Tensor) -> Tensor:
-        for layer in reversed(self.layers):
-            y = layer.inverse(y)
-        return y
+        return chain_inverse(self.layers, y)
+
+
+def chain_forward(layers: Iterable[Flow], x: Tensor) -> tuple[Tensor, Tensor]:
+    """``layers`` applied in order, log-determinants summed (in at least float32)."""
+    logdet = x.new_zeros(x.shape[0], dtype=_accumulation_dtype(x.dtype))
+    for layer in layers:
+        x, ld = layer(x)
+        logdet = logdet + ld
+    return x, logdet
+
+
+def chain_inverse(layers: Sequence[Flow], y: Tensor) -> Tensor:
+    """Inverse of :func:`chain_forward`: the layers' inverses in reverse order."""
+    for layer in reversed(layers):
+        y = layer.inverse(y)
+    return y
 
 
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from glowlab.flows.base import Flow
+from glowlab.flows.base import Flow, chain_forward
 
 
 class _Chain:
@@ -26,16 +26,7 @@ class _Chain:
         self.params = [p for layer in self.layers for p in layer.parameters() if p.requires_grad]
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        logdet = x.new_zeros(x.shape[0], dtype=torch.promote_types(x.dtype, torch.float32))
-        for layer in self.layers:
-            x, ld = layer(x)
-            logdet = logdet + ld
-        return x, logdet
-
-    def inverse(self, y: Tensor) -> Tensor:
-        for layer in reversed(self.layers):
-            y = layer.inverse(y)
-        return y
+        return chain_forward(self.layers, x)
 
 
 class _InvertibleFunction(torch.autograd.Function):
