@@ -168,8 +168,9 @@ def interpolate_main(argv: list[str]) -> Path:
     import torch
 
     from glowlab.data.shards import read_samples
-    from glowlab.jobs.common import display, load_glow, log_to_wandb
+    from glowlab.jobs.common import load_glow, log_to_wandb
     from glowlab.jobs.generate import interpolate, levels_to_model, save
+    from glowlab.training.callbacks import display
 
     model, n_bins = load_glow(args.ckpt, args.device)
     device = next(model.parameters()).device
@@ -205,8 +206,9 @@ def manipulate_main(argv: list[str]) -> Path:
     args = parser.parse_args(argv)
 
     from glowlab.data.shards import read_manifest, read_samples
-    from glowlab.jobs.common import display, load_glow, log_to_wandb
+    from glowlab.jobs.common import load_glow, log_to_wandb
     from glowlab.jobs.generate import attribute_direction, levels_to_model, manipulate, save
+    from glowlab.training.callbacks import display
 
     model, n_bins = load_glow(args.ckpt, args.device)
     device = next(model.parameters()).device

@@ -71,6 +71,11 @@ def read_manifest(root: str) -> dict:
     return manifest
 
 
+def shard_counts(manifest: dict, split: str) -> list[int]:
+    """Samples in each shard of ``split``, in the manifest's order (the order of :func:`shard_urls`)."""
+    return [int(s["count"]) for s in manifest["splits"][split]["shards"]]
+
+
 def shard_urls(root: str, manifest: dict, split: str) -> list[str]:
     """The shard locations of ``split``; local shards must exist with the manifest's sizes."""
     if split not in manifest["splits"]:
@@ -393,7 +398,7 @@ def read_samples(root: str, split: str, indices: list[int] | None = None, limit:
     """
     manifest = read_manifest(root)
     urls = shard_urls(root, manifest, split)
-    counts = [s["count"] for s in manifest["splits"][split]["shards"]]
+    counts = shard_counts(manifest, split)
     total = sum(counts)
     wanted = list(range(min(limit, total))) if indices is None else [int(i) for i in indices]
     bad = [i for i in wanted if not 0 <= i < total]

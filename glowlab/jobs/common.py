@@ -6,9 +6,7 @@ import json
 from pathlib import Path
 
 import torch
-from torch import Tensor
 
-from glowlab.likelihood import to_unit_range
 from glowlab.models import Glow
 
 
@@ -25,13 +23,6 @@ def load_glow(ckpt: str | Path, device: str | None = None) -> tuple[Glow, int]:
         raise FileNotFoundError(f"--ckpt {path}: no such checkpoint")
     module = GlowModule.load_from_checkpoint(path, map_location=device or default_device())
     return module.model.eval(), int(module.hparams.n_bins)
-
-
-def display(x: Tensor, n_bins: int, min_pixels: int = 32) -> Tensor:
-    """Model-space images as [0, 1] intensities on the CPU, enlarged (nearest) to ``min_pixels``."""
-    images = to_unit_range(x, n_bins).float().cpu()
-    scale = max(1, -(-min_pixels // images.shape[-1]))
-    return torch.nn.functional.interpolate(images, scale_factor=scale, mode="nearest") if scale > 1 else images
 
 
 def write_json(path: str | Path, payload: dict) -> Path:

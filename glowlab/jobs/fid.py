@@ -10,13 +10,13 @@ their statistics.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 from torchmetrics.image.fid import FrechetInceptionDistance, _compute_fid
 
+from glowlab.data.prepare import sha256_of
 from glowlab.jobs.classifier import CLASSIFIER_FILE, load_classifier, manifest_digest, to_uint8
 from glowlab.likelihood import quantize
 
@@ -59,22 +59,14 @@ def make_metric(
             feature=2048, feature_extractor_weights_path=str(weights), reset_real_features=False
         )
         metric.inception = _ToRGB(metric.inception)
-        return metric, f"inception-{_file_digest(weights)}"
+        return metric, f"inception-{sha256_of(weights)[:12]}"
     if features == "classifier":
         path = Path(classifier) if classifier else Path(data_root) / CLASSIFIER_FILE
         model, record = load_classifier(path)
         if record["data"] != manifest_digest(data_root):
             raise ValueError(f"{path} was trained on other data than {data_root}; retrain it")
-        return FrechetInceptionDistance(feature=model, reset_real_features=False), f"classifier-{_file_digest(path)}"
+        return FrechetInceptionDistance(feature=model, reset_real_features=False), f"classifier-{sha256_of(path)[:12]}"
     raise ValueError(f"--features {features!r}: choose one of {', '.join(FEATURES)}")
-
-
-def _file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:12]
 
 
 def _stats(metric: FrechetInceptionDistance, side: str) -> dict[str, Tensor]:
@@ -97,7 +89,7 @@ def real_statistics(
     limit: int | None = None,
 ) -> Path:
     """Fill the metric's real-image statistics from the cache, computing and caching them if needed."""
-    from glowlab.data.shards import ShardStream, read_manifest, shard_urls
+    from glowlab.data.shards import ShardStream, read_manifest, shard_counts, shard_urls
 
     key = f"{manifest_digest(data_root)}-{split}-{n_bins}bins-{extractor}-{limit or 'all'}"
     path = Path(cache_dir) / f"{key}.pt"
@@ -106,7 +98,7 @@ def real_statistics(
         return path
     manifest = read_manifest(data_root)
     n_bits = None if n_bins == manifest["n_bins"] else n_bins.bit_length() - 1
-    counts = [s["count"] for s in manifest["splits"][split]["shards"]]
+    counts = shard_counts(manifest, split)
     stream = ShardStream(
         shard_urls(data_root, manifest, split), counts, manifest, batch_size, train=False, n_bits=n_bits
     )

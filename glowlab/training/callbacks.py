@@ -55,13 +55,16 @@ def sample_grid(
         y = torch.arange(per_row, device=device) % model.num_classes if model.num_classes else None
         rows = [(t, y) for t in temperatures]
     with torch.no_grad():
-        images = torch.cat([to_unit_range(model.decode([t * z for z in base], y), n_bins) for t, y in rows])
+        images = torch.cat([model.decode([t * z for z in base], y) for t, y in rows])  # (rows * per_row, C, H, W)
     model.train(was_training)
-    images = images.float().cpu()  # (rows * per_row, C, H, W)
+    return display(images, n_bins, min_pixels)
+
+
+def display(x: Tensor, n_bins: int, min_pixels: int = 32) -> Tensor:
+    """Model-space images as [0, 1] intensities on the CPU, enlarged (nearest) to ``min_pixels``."""
+    images = to_unit_range(x, n_bins).float().cpu()
     scale = max(1, -(-min_pixels // images.shape[-1]))
-    if scale > 1:
-        images = F.interpolate(images, scale_factor=scale, mode="nearest")
-    return images
+    return F.interpolate(images, scale_factor=scale, mode="nearest") if scale > 1 else images
 
 
 def run_directory(trainer: L.Trainer) -> Path:

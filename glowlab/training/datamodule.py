@@ -9,7 +9,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from glowlab.data.shards import BAD_SAMPLE_POLICIES, Augment, ShardStream, read_manifest, shard_urls
+from glowlab.data.shards import BAD_SAMPLE_POLICIES, Augment, ShardStream, read_manifest, shard_counts, shard_urls
 from glowlab.likelihood import dequantize, per_sample_uniform
 
 
@@ -146,7 +146,7 @@ class ShardDataModule(L.LightningDataModule):
     def _stream(self, split: str, train: bool) -> ShardStream:
         rank, world = self._rank_world()
         urls = shard_urls(self.root, self.manifest, split)
-        counts = [s["count"] for s in self.manifest["splits"][split]["shards"]]
+        counts = shard_counts(self.manifest, split)
         size = self.split_size(split)
         if train:
             micro = self.micro_batch_size()
