@@ -14,7 +14,10 @@ class Flow(nn.Module):
 
     ``forward(x) -> (y, logdet)`` maps data towards the latent space (the normalizing direction);
     ``logdet`` has shape ``(B,)`` and is ``log|det dy/dx|`` per example. ``inverse(y) -> x``
-    undoes ``forward`` exactly.
+    undoes ``forward`` exactly. ``inverse_with_logdet(y) -> (x, logdet)`` is the sampling direction
+    with ``log|det dx/dy|``, which reverse-KL training and ``sample_with_log_prob`` need: the
+    default inverts and re-runs ``forward``; layers whose inverse is the cheap direction (IAF,
+    planar, radial, continuous flows) compute it in that one pass instead.
 
     References: Rezende & Mohamed, "Variational Inference with Normalizing Flows", ICML 2015.
     """
@@ -24,6 +27,11 @@ class Flow(nn.Module):
 
     def inverse(self, y: Tensor) -> Tensor:  # pragma: no cover - interface
         raise NotImplementedError
+
+    def inverse_with_logdet(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        """``(x, log|det dx/dy|)`` with ``x = inverse(y)``; the log-determinant has shape ``(B,)``."""
+        x = self.inverse(y)
+        return x, -self.forward(x)[1]
 
 
 class FlowSequence(Flow):
@@ -41,6 +49,13 @@ class FlowSequence(Flow):
 
     def inverse(self, y: Tensor) -> Tensor:
         return chain_inverse(self.layers, y)
+
+    def inverse_with_logdet(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        logdet = y.new_zeros(y.shape[0], dtype=_accumulation_dtype(y.dtype))
+        for layer in reversed(self.layers):
+            y, ld = layer.inverse_with_logdet(y)
+            logdet = logdet + ld
+        return y, logdet
 
 
 def chain_forward(layers: Iterable[Flow], x: Tensor) -> tuple[Tensor, Tensor]:
