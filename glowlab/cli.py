@@ -16,7 +16,13 @@ subcommands: fit, validate, test, predict (LightningCLI; see `glowlab fit --help
   sample        PNG grids over temperatures or classes
   evaluate      bpd | fid | fid-merge | train-classifier, results as JSON
   interpolate   latent interpolation between real images
-  manipulate    attribute directions in latent space"""
+  manipulate    attribute directions in latent space
+  score         per-sample log-likelihood and bits/dim (anomaly scoring), as CSV
+density lab (flows over vectors; see docs/density-lab.md):
+  density       fit, validate, test a vector flow (LightningCLI; `glowlab density fit --help`)
+  lab           train families x data sets, write the held-out NLL table and plots
+  fit-target    fit a flow to an unnormalised 2-D density by reverse KL
+  distill       train an IAF student from a MAF teacher's density"""
 
 
 def sample_main(argv: list[str]) -> Path:
@@ -275,6 +281,137 @@ def prepare_main(argv: list[str]) -> dict:
     return manifest
 
 
+def _options(text: str | None) -> dict:
+    """``--options`` as JSON (``'{"bins": 16}'``); an error names the option on bad input."""
+    import json
+
+    if not text:
+        return {}
+    try:
+        options = json.loads(text)
+    except json.JSONDecodeError as exn:
+        raise ValueError(f"--options is not valid JSON: {exn}") from exn
+    if not isinstance(options, dict):
+        raise ValueError("--options must be a JSON object, like '{\"bins\": 16}'")
+    return options
+
+
+def _flow_args(parser: argparse.ArgumentParser, family: str) -> None:
+    parser.add_argument("--family", default=family, help="flow family (see docs/density-lab.md)")
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--hidden-features", type=int, default=64)
+    parser.add_argument("--hidden-layers", type=int, default=2)
+    parser.add_argument("--options", help='family options as JSON, e.g. \'{"bins": 16}\'')
+
+
+def lab_main(argv: list[str]) -> Path:
+    """``glowlab lab``: train each density config on each data set; write the held-out NLL table."""
+    from glowlab.data.toy import TOY_DATASETS
+    from glowlab.jobs.density import run_lab
+
+    parser = argparse.ArgumentParser(prog="glowlab lab", description=lab_main.__doc__)
+    parser.add_argument("--configs", nargs="+", required=True, help="density configs (configs/density/*.yaml)")
+    parser.add_argument(
+        "--datasets", nargs="+", default=list(TOY_DATASETS), help="toy data set names and/or .npz/.csv files"
+    )
+    parser.add_argument("--max-steps", type=int, help="override every config's trainer.max_steps")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--accelerator", default="cpu")
+    parser.add_argument("--out", default="runs/lab")
+    parser.add_argument("--wandb-project")
+    args = parser.parse_args(argv)
+    return run_lab(
+        args.configs, args.datasets, args.out, args.max_steps, args.seed, args.accelerator, args.wandb_project
+    )
+
+
+def fit_target_main(argv: list[str]) -> dict:
+    """``glowlab fit-target``: fit a flow to exp(-U) of a built-in 2-D energy by reverse KL."""
+    from glowlab.jobs.target import fit_target
+    from glowlab.targets import ENERGIES
+
+    parser = argparse.ArgumentParser(prog="glowlab fit-target", description=fit_target_main.__doc__)
+    parser.add_argument("--target", required=True, choices=ENERGIES)
+    _flow_args(parser, "realnvp")
+    parser.add_argument("--steps", type=int, default=5000)
+    parser.add_argument("--batch-size", type=int, default=512)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--anneal-steps", type=int, default=1000, help="inverse temperature 0.01 -> 1 over these")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", help="default: runs/target/TARGET-FAMILY")
+    parser.add_argument("--wandb-project")
+    args = parser.parse_args(argv)
+    return fit_target(
+        args.target,
+        args.out or f"runs/target/{args.target}-{args.family}",
+        family=args.family,
+        layers=args.layers,
+        hidden_features=args.hidden_features,
+        hidden_layers=args.hidden_layers,
+        options=_options(args.options),
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        anneal_steps=args.anneal_steps,
+        seed=args.seed,
+        wandb_project=args.wandb_project,
+    )
+
+
+def distill_main(argv: list[str]) -> dict:
+    """``glowlab distill``: an IAF student trained on a MAF teacher's density (one-pass sampling)."""
+    from glowlab.jobs.target import distill
+
+    parser = argparse.ArgumentParser(prog="glowlab distill", description=distill_main.__doc__)
+    parser.add_argument("--teacher", required=True, help="density-lab checkpoint of a MAF")
+    parser.add_argument("--family", help="student family (default: iaf for maf, iaf-spline for maf-spline)")
+    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--batch-size", type=int, default=512)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="runs/distill")
+    parser.add_argument("--wandb-project")
+    args = parser.parse_args(argv)
+    return distill(
+        args.teacher,
+        args.out,
+        family=args.family,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        wandb_project=args.wandb_project,
+    )
+
+
+def score_main(argv: list[str]) -> dict:
+    """``glowlab score``: per-sample log-likelihood and bits/dim as CSV (see the typical-set caveat in the docs)."""
+    from glowlab.jobs.score import score
+
+    parser = argparse.ArgumentParser(prog="glowlab score", description=score_main.__doc__)
+    parser.add_argument("--ckpt", required=True, help="image (glowlab fit) or density-lab checkpoint")
+    parser.add_argument("--data", required=True, help="prepared image folder, toy data set name or .npz/.csv file")
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--out", default="scores.csv")
+    args = parser.parse_args(argv)
+    return score(args.ckpt, args.data, args.split, args.out)
+
+
+def density_cli(argv: list[str]) -> None:
+    """``glowlab density {fit,validate,test}``: LightningCLI for the vector flows of the density lab."""
+    from glowlab.training.cli import DensityCLI, density_trainer_defaults
+    from glowlab.training.density import DensityModule, VectorDataModule
+
+    DensityCLI(
+        DensityModule,
+        VectorDataModule,
+        args=argv,
+        parser_kwargs={"prog": "glowlab density", "description": "glowlab density: maximum-likelihood training of vector flows."},
+        trainer_defaults=density_trainer_defaults(),
+        save_config_kwargs={"overwrite": True},
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``glowlab`` console script."""
     explicit = argv
@@ -285,6 +422,10 @@ def main(argv: list[str] | None = None) -> None:
         "evaluate": evaluate_main,
         "interpolate": interpolate_main,
         "manipulate": manipulate_main,
+        "score": score_main,
+        "lab": lab_main,
+        "fit-target": fit_target_main,
+        "distill": distill_main,
     }
     if argv[:1] and argv[0] in commands:
         try:
@@ -293,6 +434,9 @@ def main(argv: list[str] | None = None) -> None:
             # Problems with files, options or data: one clear line, no traceback.
             print(f"glowlab {argv[0]}: error: {exn}", file=sys.stderr)
             raise SystemExit(2) from exn
+        return
+    if argv[:1] == ["density"]:
+        density_cli(argv[1:])
         return
     from glowlab.training.cli import GlowCLI
     from glowlab.training.datamodule import ShardDataModule

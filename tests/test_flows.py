@@ -21,6 +21,7 @@ from glowlab.flows import (
     make_coupling,
     make_permutation,
 )
+from glowlab.flows.coupling import CheckerboardCoupling
 from glowlab.models import FlowStep
 
 SHAPE = (3, 4, 4, 4)  # (B, C, H, W): D = 64 per example keeps the Jacobian small
@@ -40,6 +41,8 @@ LAYERS = {
     "shuffle": lambda: Shuffle(4),
     "affine_coupling": lambda: AffineCoupling(4, 8),
     "additive_coupling": lambda: AdditiveCoupling(4, 8),
+    "checkerboard_coupling": lambda: CheckerboardCoupling(4, 8, parity=0),
+    "checkerboard_coupling_odd": lambda: CheckerboardCoupling(5, 8, parity=1),
     "affine_coupling_odd": lambda: AffineCoupling(5, 8),
     "squeeze": lambda: Squeeze(),
     "split": lambda: Split(4),
@@ -87,6 +90,16 @@ def test_logdet_matches_jacobian_inverse(name: str) -> None:
     # log|det d f^-1 / dy| at y is minus the forward log-determinant at f^-1(y).
     expected = -layer(layer.inverse(y))[1]
     torch.testing.assert_close(per_example_slogdet(layer.inverse, y), expected, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("name", list(LAYERS))
+def test_inverse_with_logdet_matches_inverse_and_jacobian(name: str) -> None:
+    layer, x = make(name), input_for(name)
+    y = torch.randn_like(layer(x)[0])
+    x_back, logdet = layer.inverse_with_logdet(y)
+    assert logdet.shape == (y.shape[0],)
+    torch.testing.assert_close(x_back, layer.inverse(y), rtol=0, atol=1e-12)
+    torch.testing.assert_close(logdet, per_example_slogdet(layer.inverse, y), rtol=1e-9, atol=1e-9)
 
 
 def test_conditional_top_prior_round_trip_and_logdet() -> None:

@@ -31,8 +31,20 @@ VARIANTS = [
     dict(coupling="affine", permutation="lu", learn_top=False),
     dict(coupling="affine", permutation="lu", num_classes=3),
     dict(coupling="affine", permutation="lu", levels=3, image_shape=(1, 8, 8)),
+    dict(step="realnvp", permutation="reverse", image_shape=(1, 8, 8)),
+    dict(step="nice", coupling="additive", levels=1, learn_top=False),
 ]
-IDS = ["affine-lu", "affine-conv", "additive-reverse", "additive-shuffle", "fixed-top", "conditional", "3-levels"]
+IDS = [
+    "affine-lu",
+    "affine-conv",
+    "additive-reverse",
+    "additive-shuffle",
+    "fixed-top",
+    "conditional",
+    "3-levels",
+    "realnvp",
+    "nice",
+]
 
 
 @pytest.mark.parametrize("kwargs", VARIANTS, ids=IDS)

@@ -39,8 +39,15 @@ def loss_of(model: Glow, x: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize(
     "kwargs",
-    [dict(), dict(coupling="additive", permutation="conv"), dict(num_classes=3), dict(permutation="shuffle")],
-    ids=["affine-lu", "additive-conv", "conditional", "shuffle"],
+    [
+        dict(),
+        dict(coupling="additive", permutation="conv"),
+        dict(num_classes=3),
+        dict(permutation="shuffle"),
+        dict(step="realnvp", permutation="reverse"),
+        dict(step="nice", coupling="additive", levels=1, learn_top=False),
+    ],
+    ids=["affine-lu", "additive-conv", "conditional", "shuffle", "realnvp", "nice"],
 )
 def test_gradients_equal_standard_backprop_float64(kwargs: dict) -> None:
     standard, invertible = pair(**kwargs)

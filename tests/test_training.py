@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import subprocess
@@ -9,6 +10,7 @@ import sys
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 from datasets import prepared, prepared_digits
@@ -36,13 +38,16 @@ def digits_root(tmp_path_factory) -> Path:
 
 
 def data_root_for(config: Path, tmp_path: Path, digits_root: Path) -> Path:
-    if config.stem == "digits":
+    # digits-nice, cifar10-realnvp, ...: the data set is the name before the model.
+    data = config.stem.split("-")[0]
+    if data == "digits":
         return digits_root
-    return prepared(tmp_path / config.stem, n=10, shape=PAPER_SHAPES[config.stem], shard_size=4)
+    return prepared(tmp_path / config.stem, n=10, shape=PAPER_SHAPES[data], shard_size=4)
 
 
 def test_there_are_configs() -> None:
     assert {p.stem for p in CONFIGS} >= {"digits", "cifar10", "celebahq256", "imagenet32", "imagenet64"}
+    assert {p.stem for p in CONFIGS} >= {"digits-nice", "digits-realnvp", "cifar10-realnvp"}
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[p.stem for p in CONFIGS])
@@ -225,3 +230,35 @@ def test_warmup_is_linear_in_steps() -> None:
     assert lrs == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3])
     with pytest.raises(ValueError, match=r"model.optimizer='sgd'"):
         GlowModule(optimizer="sgd")
+
+
+@pytest.mark.parametrize("name", ["digits-nice", "digits-realnvp"])
+def test_nice_and_realnvp_train_and_run_every_image_job(name: str, digits_root: Path, tmp_path) -> None:
+    config = next(p for p in CONFIGS if p.stem == name)
+    with working_directory(tmp_path):
+        main(["fit", "--config", str(config), "--trainer.max_steps", "150", "--data.root", str(digits_root), *QUIET])
+    run = tmp_path / "runs" / name / "version_0"
+    ckpt = str(run / "checkpoints" / "best.ckpt")
+    module = GlowModule.load_from_checkpoint(ckpt)
+    assert module.hparams.step == name.split("-")[1]
+    fitted = json.loads((run / "test_results.json").read_text())
+    assert fitted["test_bpd"] < math.log2(17), fitted  # better than the uniform distribution over 17 levels
+    bpd = json.loads(
+        Path(
+            main_json(["evaluate", "bpd", "--ckpt", ckpt, "--data", str(digits_root), "--draws", "1"], tmp_path / "b")
+        ).read_text()
+    )
+    assert bpd["bpd"] == pytest.approx(fitted["test_bpd"], abs=1e-5)
+    main(["sample", "--ckpt", ckpt, "--num-samples", "4", "--out", str(tmp_path / "s.png")])
+    main(["interpolate", "--ckpt", ckpt, "--data", str(digits_root), "--out", str(tmp_path / "i.png")])
+    assert (tmp_path / "s.png").is_file() and (tmp_path / "i.png").is_file()
+    main(["score", "--ckpt", ckpt, "--data", str(digits_root), "--out", str(tmp_path / "scores.csv")])
+    rows = list(csv.DictReader((tmp_path / "scores.csv").open()))
+    assert [int(r["index"]) for r in rows] == list(range(359))
+    assert np.mean([float(r["bits_per_dim"]) for r in rows]) == pytest.approx(fitted["test_bpd"], abs=1e-5)
+
+
+def main_json(argv: list[str], out: Path) -> Path:
+    """Run a JSON-writing job with ``--out`` and return the file."""
+    main([*argv, "--out", str(out.with_suffix(".json"))])
+    return out.with_suffix(".json")

@@ -34,23 +34,25 @@ class InvConv1x1(Flow):
         return F.conv2d(y, torch.linalg.inv(self.weight)[:, :, None, None])  # (C, C, 1, 1) kernel
 
 
-class InvConv1x1LU(Flow):
-    """1x1 convolution with ``W = P L (U + diag(sign · exp(log_s)))``.
+class LUFactorised(Flow):
+    """Base for layers with a square weight ``W = P L (U + diag(sign · exp(log_s)))``.
 
     ``P`` is a fixed permutation, ``L`` unit lower triangular, ``U`` strictly upper triangular;
-    ``log|det W| = sum(log_s)``, so the log-determinant costs O(C) instead of O(C^3).
+    ``log|det W| = sum(log_s)``, so the log-determinant costs O(n) instead of O(n^3), and ``W^-1``
+    comes from two triangular solves. ``W`` starts as a random rotation. Subclasses apply ``W``
+    (per pixel, or to vectors) and share these parameters and buffer names.
 
     References: Kingma & Dhariwal, "Glow: Generative Flow with Invertible 1x1 Convolutions", 2018.
     """
 
-    def __init__(self, num_channels: int, generator: torch.Generator | None = None) -> None:
+    def __init__(self, num_features: int, generator: torch.Generator | None = None) -> None:
         super().__init__()
-        p, lower, upper = torch.linalg.lu(random_rotation(num_channels, generator))
+        p, lower, upper = torch.linalg.lu(random_rotation(num_features, generator))
         s = torch.diagonal(upper)
         self.register_buffer("p", p)
         self.register_buffer("sign_s", torch.sign(s))
-        self.register_buffer("lower_mask", torch.tril(torch.ones(num_channels, num_channels), -1))
-        self.register_buffer("eye", torch.eye(num_channels))
+        self.register_buffer("lower_mask", torch.tril(torch.ones(num_features, num_features), -1))
+        self.register_buffer("eye", torch.eye(num_features))
         self.lower = nn.Parameter(lower)
         self.upper = nn.Parameter(torch.triu(upper, 1))
         self.log_s = nn.Parameter(s.abs().log())
@@ -62,8 +64,25 @@ class InvConv1x1LU(Flow):
         return lower, upper
 
     def weight(self) -> Tensor:
+        """The assembled weight ``W = P L U``."""
         lower, upper = self.factors()
         return self.p @ lower @ upper
+
+    def weight_inverse(self) -> Tensor:
+        """``W^-1 = U^-1 L^-1 P^T``, by two triangular solves rather than a general inverse."""
+        lower, upper = self.factors()
+        lower_inv_pt = torch.linalg.solve_triangular(lower, self.p.T, upper=False, unitriangular=True)
+        return torch.linalg.solve_triangular(upper, lower_inv_pt, upper=True)
+
+
+class InvConv1x1LU(LUFactorised):
+    """1x1 convolution with the LU-factorised weight of :class:`LUFactorised`.
+
+    References: Kingma & Dhariwal, "Glow: Generative Flow with Invertible 1x1 Convolutions", 2018.
+    """
+
+    def __init__(self, num_channels: int, generator: torch.Generator | None = None) -> None:
+        super().__init__(num_channels, generator)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         y = F.conv2d(x, self.weight()[:, :, None, None])  # (C, C) -> (C, C, 1, 1) kernel
@@ -71,8 +90,4 @@ class InvConv1x1LU(Flow):
         return y, logdet
 
     def inverse(self, y: Tensor) -> Tensor:
-        lower, upper = self.factors()
-        # W^-1 = U^-1 L^-1 P^T, by two triangular solves rather than a general inverse.
-        lower_inv_pt = torch.linalg.solve_triangular(lower, self.p.T, upper=False, unitriangular=True)
-        w_inv = torch.linalg.solve_triangular(upper, lower_inv_pt, upper=True)
-        return F.conv2d(y, w_inv[:, :, None, None])  # (C, C, 1, 1) kernel
+        return F.conv2d(y, self.weight_inverse()[:, :, None, None])  # (C, C, 1, 1) kernel

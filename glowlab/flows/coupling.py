@@ -78,6 +78,48 @@ class AdditiveCoupling(Flow):
         return torch.cat([y_a, y_b - self.net(y_a)], dim=1)
 
 
+class CheckerboardCoupling(Flow):
+    """Affine coupling over a spatial checkerboard: pixels of one colour transform the others.
+
+    ``y = m·x + (1 - m)·(x + t(m·x))·s(m·x)`` with ``m`` the checkerboard of ``parity`` (0: the
+    pixel at (0, 0) conditions) and ``s = sigmoid(h + 2)`` as in :class:`AffineCoupling`; the
+    log-determinant sums ``log s`` over the transformed pixels only. Alternating parities let
+    every pixel be transformed.
+
+    References: Dinh et al., "Density estimation using Real NVP", ICLR 2017.
+    """
+
+    def __init__(self, num_channels: int, hidden_channels: int, parity: int = 0) -> None:
+        super().__init__()
+        if parity not in (0, 1):
+            raise ValueError(f"parity must be 0 or 1, got {parity}")
+        self.parity = parity
+        # The mask goes in as an extra channel so the net knows which pixels it may use.
+        self.net = coupling_net(num_channels + 1, hidden_channels, 2 * num_channels)
+
+    def _mask(self, x: Tensor) -> Tensor:
+        h, w = x.shape[2], x.shape[3]
+        rows = torch.arange(h, device=x.device)[:, None]
+        cols = torch.arange(w, device=x.device)[None, :]
+        return ((rows + cols + self.parity) % 2 == 0).to(x.dtype).expand(x.shape[0], 1, h, w)  # (B, 1, H, W)
+
+    def _shift_scale(self, x_cond: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        h = self.net(torch.cat([x_cond, mask], dim=1))
+        return h[:, 0::2], torch.sigmoid(h[:, 1::2] + 2.0)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        mask = self._mask(x)
+        shift, scale = self._shift_scale(x * mask, mask)
+        free = 1.0 - mask
+        y = x * mask + free * (x + shift) * scale
+        return y, sum_except_batch(free * torch.log(scale))
+
+    def inverse(self, y: Tensor) -> Tensor:
+        mask = self._mask(y)
+        shift, scale = self._shift_scale(y * mask, mask)
+        return y * mask + (1.0 - mask) * (y / scale - shift)
+
+
 def make_coupling(name: str, num_channels: int, hidden_channels: int) -> Flow:
     """The coupling layer called ``name``: ``"affine"`` or ``"additive"``."""
     if name == "affine":

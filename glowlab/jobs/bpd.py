@@ -29,6 +29,7 @@ class BpdEvaluation(L.LightningModule):
         self.model, self.n_bins, self.draws = model, n_bins, draws
         self.register_buffer("sums", torch.zeros(3 + draws, dtype=torch.float64), persistent=False)
         self.seen: list[Tensor] = []
+        self.per_image: list[Tensor] = []
 
     def test_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> None:
         x, y, indices = batch
@@ -48,6 +49,13 @@ class BpdEvaluation(L.LightningModule):
             ]
         )
         self.seen.append(indices.cpu())
+        self.per_image.append(per_image.detach().cpu())
+
+    def scores(self) -> tuple[Tensor, Tensor]:
+        """``(indices, bits/dim)`` of every image this process evaluated, sorted by index."""
+        indices, values = torch.cat(self.seen), torch.cat(self.per_image)
+        order = torch.argsort(indices)
+        return indices[order], values[order]
 
     def results(self) -> dict:
         """Mean and standard error over images (call after ``trainer.test``; sums are all-reduced)."""

@@ -11,7 +11,9 @@ from glowlab.flows import (
     COUPLINGS,
     PERMUTATIONS,
     ActNorm,
+    AdditiveCoupling,
     FlowSequence,
+    Reverse,
     Split,
     Squeeze,
     TopPrior,
@@ -19,9 +21,13 @@ from glowlab.flows import (
     make_permutation,
     standard_normal_log_prob,
 )
+from glowlab.flows.coupling import CheckerboardCoupling
+from glowlab.flows.elementwise import ElementwiseAffine
 from glowlab.flows.invertible import invertible_forward
 
 MEMORY_MODES = ("standard", "invertible")
+# How each level's flow steps are built (see Glow's docstring): the three classic multiscale flows.
+STEPS = ("glow", "realnvp", "nice")
 
 
 class GlowOutput(NamedTuple):
@@ -52,6 +58,35 @@ class FlowStep(FlowSequence):
         )
 
 
+def realnvp_checkerboard_step(num_channels: int, hidden_channels: int, parity: int) -> FlowSequence:
+    """ActNorm then a checkerboard affine coupling (RealNVP's pre-squeeze layers).
+
+    References: Dinh et al., "Density estimation using Real NVP", ICLR 2017.
+    """
+    return FlowSequence([ActNorm(num_channels), CheckerboardCoupling(num_channels, hidden_channels, parity)])
+
+
+def nice_step(num_channels: int, hidden_channels: int) -> FlowSequence:
+    """Swap the halves, then an additive coupling: volume preserving.
+
+    References: Dinh et al., "NICE: Non-linear Independent Components Estimation", 2014.
+    """
+    return FlowSequence([Reverse(num_channels), AdditiveCoupling(num_channels, hidden_channels)])
+
+
+def level_layers(step: str, c: int, hidden: int, steps: int, coupling: str, permutation: str) -> list:
+    """One level's layers for input channels ``c``: its squeeze and ``steps`` flow steps of kind ``step``."""
+    if step == "glow":
+        return [Squeeze()] + [FlowStep(4 * c, hidden, coupling, permutation) for _ in range(steps)]
+    if step == "realnvp":
+        # Checkerboard couplings at full resolution, then channel couplings (alternated by a
+        # reversal) after the squeeze, as in the paper's scale blocks.
+        before = [realnvp_checkerboard_step(c, hidden, k % 2) for k in range(steps)]
+        after = [FlowStep(4 * c, hidden, "affine", "reverse") for _ in range(steps)]
+        return [*before, Squeeze(), *after]
+    return [Squeeze()] + [nice_step(4 * c, hidden) for _ in range(steps)]
+
+
 class Glow(nn.Module):
     """Multiscale Glow: ``levels`` times (squeeze, ``steps`` flow steps, split), learned priors.
 
@@ -64,6 +99,16 @@ class Glow(nn.Module):
     ``memory="invertible"`` trains without storing activations inside a level: the backward pass
     rebuilds each level's input from its output with the exact inverse (see
     :mod:`glowlab.flows.invertible`); results and gradients are those of ``"standard"``.
+
+    ``step`` picks the classic model this multiscale skeleton builds: ``"glow"`` (ActNorm,
+    ``permutation``, ``coupling``), ``"realnvp"`` (per level ``steps`` checkerboard affine
+    couplings, the squeeze, then ``steps`` channel affine couplings alternated by a reversal; ActNorm
+    stands in for the paper's batch norm) or ``"nice"`` (``steps`` additive couplings alternated by a
+    reversal, volume preserving, and a learned diagonal scaling of the top latent; use ``levels=1``
+    and ``learn_top=False`` for the paper's single-scale model with a fixed prior).
+
+    References: Kingma & Dhariwal, "Glow: Generative Flow with Invertible 1x1 Convolutions", 2018.
+    Dinh et al., "Density estimation using Real NVP", ICLR 2017; Dinh et al., "NICE", 2014.
 
     References: Kingma & Dhariwal, "Glow: Generative Flow with Invertible 1x1 Convolutions", 2018.
     """
@@ -79,8 +124,12 @@ class Glow(nn.Module):
         learn_top: bool = True,
         num_classes: int | None = None,
         memory: str = "standard",
+        step: str = "glow",
     ) -> None:
         super().__init__()
+        if step not in STEPS:
+            raise ValueError(f"step={step!r} is not one of {', '.join(map(repr, STEPS))}")
+        self.step = step
         if memory not in MEMORY_MODES:
             raise ValueError(f"memory={memory!r} is not one of {', '.join(map(repr, MEMORY_MODES))}")
         self.memory = memory
@@ -104,10 +153,12 @@ class Glow(nn.Module):
         self.splits = nn.ModuleList()
         z_shapes: list[tuple[int, int, int]] = []
         for level in range(levels):
+            layers = level_layers(step, c, hidden_channels, steps, coupling, permutation)
             c, h, w = 4 * c, h // 2, w // 2  # after the squeeze
-            self.levels.append(
-                FlowSequence([Squeeze()] + [FlowStep(c, hidden_channels, coupling, permutation) for _ in range(steps)])
-            )
+            if step == "nice" and level == levels - 1:
+                # NICE's couplings keep the volume; this diagonal scaling is what learns it.
+                layers.append(ElementwiseAffine((c, h, w)))
+            self.levels.append(FlowSequence(layers))
             if level < levels - 1:
                 split = Split(c)
                 self.splits.append(split)

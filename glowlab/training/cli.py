@@ -1,29 +1,31 @@
-"""LightningCLI for glowlab's Lightning subcommands (fit, validate, test, predict)."""
+"""LightningCLIs for glowlab's Lightning subcommands (fit, validate, test, predict)."""
 
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from lightning.pytorch.cli import LightningCLI
 
 from glowlab.training.callbacks import run_directory
 
 
-class GlowCLI(LightningCLI):
-    """LightningCLI with the data's image shape and bin count wired into the model.
+class ResultsCLI(LightningCLI):
+    """LightningCLI with ``--test_after_fit`` and a ``test_results.json`` in the run folder.
 
-    References: Kingma & Dhariwal, "Glow: Generative Flow with Invertible 1x1 Convolutions", 2018.
+    Subclasses name the monitored ``metric`` and describe the data in :meth:`results`.
+
+    References: Falcon et al., PyTorch Lightning, 2019.
     """
 
+    metric = "test_bpd"
+
     def add_arguments_to_parser(self, parser) -> None:
-        # The data decides what the model sees: one source of truth for shape and quantization.
-        parser.link_arguments("data.image_shape", "model.image_shape", apply_on="instantiate")
-        parser.link_arguments("data.n_bins", "model.n_bins", apply_on="instantiate")
         parser.add_argument(
             "--test_after_fit",
             type=bool,
             default=False,
-            help="After fit, evaluate the best checkpoint (by val_bpd) on the test split.",
+            help=f"After fit, evaluate the best checkpoint (by {self.metric.replace('test', 'val')}) on the test split.",
         )
 
     def after_fit(self) -> None:
@@ -37,16 +39,89 @@ class GlowCLI(LightningCLI):
     def after_test(self) -> None:
         self._write_test_results(str(self.config[self.subcommand].get("ckpt_path")))
 
+    def results(self) -> dict[str, Any]:
+        """What the test results file says about the data besides the metric."""
+        return {}
+
     def _write_test_results(self, checkpoint: str) -> None:
-        if not self.trainer.is_global_zero or "test_bpd" not in self.trainer.callback_metrics:
+        if not self.trainer.is_global_zero or self.metric not in self.trainer.callback_metrics:
             return
-        results = {
-            "test_bpd": float(self.trainer.callback_metrics["test_bpd"]),
-            "num_test_images": self.datamodule.split_size(self.datamodule.test_split) - self.datamodule.skipped_samples,
-            "skipped": self.datamodule.skipped_samples,
-            "data": self.datamodule.root,
-            "checkpoint": checkpoint,
-        }
+        results = {self.metric: float(self.trainer.callback_metrics[self.metric]), **self.results()}
+        results["checkpoint"] = checkpoint
         path = run_directory(self.trainer) / "test_results.json"
         path.write_text(json.dumps(results, indent=2) + "\n")
-        print(f"test bits/dim {results['test_bpd']:.4f} on {results['num_test_images']} images -> {path}")
+        print(f"{self.metric} {results[self.metric]:.4f} -> {path}")
+
+
+class GlowCLI(ResultsCLI):
+    """LightningCLI with the data's image shape and bin count wired into the model.
+
+    References: Kingma & Dhariwal, "Glow: Generative Flow with Invertible 1x1 Convolutions", 2018.
+    """
+
+    def add_arguments_to_parser(self, parser) -> None:
+        # The data decides what the model sees: one source of truth for shape and quantization.
+        parser.link_arguments("data.image_shape", "model.image_shape", apply_on="instantiate")
+        parser.link_arguments("data.n_bins", "model.n_bins", apply_on="instantiate")
+        super().add_arguments_to_parser(parser)
+
+    def results(self) -> dict[str, Any]:
+        data = self.datamodule
+        return {
+            "num_test_images": data.split_size(data.test_split) - data.skipped_samples,
+            "skipped": data.skipped_samples,
+            "data": data.root,
+        }
+
+
+class DensityCLI(ResultsCLI):
+    """LightningCLI of the density lab: vector data's dimension and statistics wired into the model.
+
+    References: Papamakarios et al., "Normalizing Flows for Probabilistic Modeling and Inference", JMLR 2021.
+    """
+
+    metric = "test_nll"
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.link_arguments("data.features", "model.features", apply_on="instantiate")
+        parser.link_arguments("data.mean", "model.mean", apply_on="instantiate")
+        parser.link_arguments("data.std", "model.std", apply_on="instantiate")
+        super().add_arguments_to_parser(parser)
+
+    def results(self) -> dict[str, Any]:
+        data = self.datamodule
+        return {
+            "num_test_vectors": len(data.splits["test"]),
+            "data": data.hparams.source,
+            "family": self.model.hparams.family,
+        }
+
+
+def density_trainer_defaults(
+    save_dir: str = "runs", name: str = "density", version: str | None = None, plots: bool = True
+) -> dict[str, Any]:
+    """Trainer settings every density-lab run shares; a config's ``trainer`` section overrides them.
+
+    The checkpoint (best by ``val_nll`` and last), the preemption handler and (with ``plots``) the
+    2-D density plots are always attached. Evaluation runs with autograd on (``inference_mode``
+    off) because iResNet and CNF compute log-determinants with it.
+    """
+    from jsonargparse import lazy_instance
+
+    from glowlab.training.callbacks import GlowCheckpoint, Preemption
+    from glowlab.training.density import DensityPlots
+    from glowlab.training.loggers import ResumableCSVLogger
+
+    callbacks = [
+        GlowCheckpoint(monitor="val_nll", mode="min", filename="best", save_last=True),
+        Preemption(),
+        *([DensityPlots()] if plots else []),
+    ]
+    return {
+        "max_steps": 5000,
+        "inference_mode": False,
+        "log_every_n_steps": 20,
+        "gradient_clip_val": 10.0,
+        "logger": lazy_instance(ResumableCSVLogger, save_dir=save_dir, name=name, version=version),
+        "callbacks": callbacks,
+    }

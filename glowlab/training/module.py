@@ -40,6 +40,7 @@ class GlowModule(L.LightningModule):
         learn_top: bool = True,
         num_classes: int | None = None,
         memory: str = "standard",
+        step: str = "glow",
         class_weight: float = 0.01,
         optimizer: str = "adamax",
         lr: float = 1e-3,
@@ -62,6 +63,7 @@ class GlowModule(L.LightningModule):
             learn_top=learn_top,
             num_classes=num_classes,
             memory=memory,
+            step=step,
         )
         # Evaluation averages per image over all ranks exactly (sums and counts are all-reduced).
         names = ["bpd", "class_bits", "class_acc"] if num_classes else ["bpd"]

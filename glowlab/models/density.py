@@ -1,0 +1,174 @@
+"""Flows over vectors: a named family of layers over a standard normal base density."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from glowlab.flows.autoregressive import IAF, MAF
+from glowlab.flows.base import Flow, FlowSequence, standard_normal_log_prob
+from glowlab.flows.continuous import CNF
+from glowlab.flows.elementwise import ElementwiseAffine, ElementwiseSpline, LeakyReLU, PiecewiseLinear
+from glowlab.flows.linear import LULinear
+from glowlab.flows.planar import Planar, Radial
+from glowlab.flows.residual import AdditiveResidual, InvertibleResidual
+from glowlab.flows.standardize import Standardize
+from glowlab.flows.vector_coupling import VectorCoupling
+
+
+@dataclass(frozen=True)
+class Family:
+    """How a family stacks its layers: the layer class, fixed options, and what goes between.
+
+    ``alternate`` names a constructor option that alternates between two values from one layer to
+    the next, so every coordinate gets transformed (the autoregressive order, the coupling mask).
+    ``lu`` puts an LU linear layer before every layer and after the last (elementwise families mix
+    nothing on their own). ``final_scale`` ends the stack with a learned diagonal affine map, for
+    families that keep the volume or cannot rescale globally.
+    """
+
+    layer: Callable[..., Flow]
+    preset: dict[str, Any] = field(default_factory=dict)
+    alternate: tuple[str, tuple[Any, Any]] | None = None
+    lu: bool = False
+    final_scale: bool = False
+    summary: str = ""
+
+
+ORDER = ("order", ("natural", "reversed"))
+PARITY = ("parity", (0, 1))
+
+FAMILIES: dict[str, Family] = {
+    "maf": Family(MAF, {"transformer": "affine"}, ORDER, summary="masked autoregressive flow, affine"),
+    "maf-spline": Family(MAF, {"transformer": "spline"}, ORDER, summary="masked autoregressive flow, RQ spline"),
+    "iaf": Family(IAF, {"transformer": "affine"}, ORDER, summary="inverse autoregressive flow, affine"),
+    "iaf-spline": Family(IAF, {"transformer": "spline"}, ORDER, summary="inverse autoregressive flow, RQ spline"),
+    "realnvp": Family(VectorCoupling, {"transformer": "affine"}, PARITY, summary="affine coupling (RealNVP)"),
+    "nice": Family(
+        VectorCoupling, {"transformer": "additive"}, PARITY, final_scale=True, summary="additive coupling (NICE)"
+    ),
+    "spline-coupling": Family(VectorCoupling, {"transformer": "spline"}, PARITY, summary="RQ spline coupling (NSF)"),
+    "lu-spline": Family(ElementwiseSpline, lu=True, summary="LU linear + elementwise RQ spline"),
+    "lu-piecewise": Family(PiecewiseLinear, lu=True, summary="LU linear + elementwise piecewise linear"),
+    "lu-leakyrelu": Family(LeakyReLU, lu=True, summary="LU linear + leaky ReLU"),
+    "iresnet": Family(InvertibleResidual, final_scale=True, summary="invertible residual network (iResNet)"),
+    "irevnet": Family(AdditiveResidual, final_scale=True, summary="additive residual blocks (i-RevNet)"),
+    "cnf": Family(CNF, summary="continuous normalizing flow (FFJORD)"),
+    "planar": Family(Planar, summary="planar flow"),
+    "radial": Family(Radial, summary="radial flow"),
+}
+
+# Arguments the builder passes to every layer class that accepts them.
+_COMMON = ("features", "hidden_features", "hidden_layers")
+
+
+def _accepted(layer: Callable[..., Flow]) -> set[str]:
+    return {name for name in inspect.signature(layer).parameters if name not in ("self", "generator")}
+
+
+def make_vector_flow(
+    family: str,
+    features: int,
+    layers: int = 4,
+    hidden_features: int = 64,
+    hidden_layers: int = 2,
+    options: dict[str, Any] | None = None,
+) -> FlowSequence:
+    """``layers`` layers of ``family`` on ``features``-dimensional vectors.
+
+    ``options`` go to every layer of the family (for example ``bins`` for splines, ``lipschitz``
+    and ``logdet`` for iResNet, ``divergence`` and ``adjoint`` for CNF); an option the family's
+    layer does not take is an error naming it.
+    """
+    if family not in FAMILIES:
+        raise ValueError(f"family={family!r} is not one of {', '.join(map(repr, FAMILIES))}")
+    if features < 1 or layers < 1:
+        raise ValueError(f"features and layers must be >= 1, got features={features}, layers={layers}")
+    spec = FAMILIES[family]
+    accepted = _accepted(spec.layer)
+    options = dict(options or {})
+    fixed = set(spec.preset) | ({spec.alternate[0]} if spec.alternate else set())
+    for name in options:
+        if name not in accepted or name in fixed or name in _COMMON:
+            allowed = sorted(accepted - fixed - set(_COMMON))
+            raise ValueError(
+                f"family {family!r} has no option {name!r}"
+                + (f" (its options: {', '.join(allowed)})" if allowed else " (it takes no options)")
+            )
+    common = {"features": features, "hidden_features": hidden_features, "hidden_layers": hidden_layers}
+    kwargs = {k: v for k, v in common.items() if k in accepted} | spec.preset | options
+    flows: list[Flow] = []
+    for i in range(layers):
+        if spec.lu:
+            flows.append(LULinear(features))
+        if spec.alternate is not None:
+            name, values = spec.alternate
+            kwargs[name] = values[i % 2]
+        flows.append(spec.layer(**kwargs))
+    if spec.lu:
+        flows.append(LULinear(features))
+    if spec.final_scale:
+        flows.append(ElementwiseAffine(features))
+    return FlowSequence(flows)
+
+
+class FlowModel(nn.Module):
+    """A flow over vectors with a standard normal base: ``log p(x) = log N(f(x); 0, I) + log|det df/dx|``.
+
+    ``flow`` maps data to latents (``forward(x) -> (z, logdet)``); sampling runs its inverse.
+    ``sample_with_log_prob`` returns samples together with their log-density from the same pass,
+    which is what reverse-KL training needs and is cheap for IAF, planar, radial and CNF layers.
+
+    References: Papamakarios et al., "Normalizing Flows for Probabilistic Modeling and Inference", JMLR 2021.
+    """
+
+    def __init__(self, flow: Flow, features: int) -> None:
+        super().__init__()
+        self.flow = flow
+        self.features = features
+
+    def _check(self, x: Tensor) -> None:
+        if x.ndim != 2 or x.shape[1] != self.features:
+            raise ValueError(f"expected vectors of shape (B, {self.features}), got {tuple(x.shape)}")
+
+    def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(z, logdet)``: latents and ``log|det dz/dx|`` of shape (B,)."""
+        self._check(x)
+        return self.flow(x)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Same as :meth:`encode`."""
+        return self.encode(x)
+
+    def decode(self, z: Tensor) -> Tensor:
+        """Exact inverse of :meth:`encode`."""
+        self._check(z)
+        return self.flow.inverse(z)
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        """Log-density of ``x`` in nats, shape (B,)."""
+        z, logdet = self.encode(x)
+        return standard_normal_log_prob(z) + logdet
+
+    def _base_sample(self, n: int, temperature: float, generator: torch.Generator | None) -> Tensor:
+        p = next(self.parameters(), None)
+        device, dtype = (p.device, p.dtype) if p is not None else (torch.device("cpu"), torch.get_default_dtype())
+        return temperature * torch.randn(n, self.features, generator=generator, device=device, dtype=dtype)
+
+    @torch.no_grad()
+    def sample(self, n: int, temperature: float = 1.0, generator: torch.Generator | None = None) -> Tensor:
+        """``n`` samples; ``temperature`` scales the base standard deviation."""
+        return self.flow.inverse(self._base_sample(n, temperature, generator))
+
+    def sample_with_log_prob(self, n: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """``n`` samples and their log-density, differentiable in the parameters (reparameterised)."""
+        z = self._base_sample(n, 1.0, generator)
+        x, logdet = self.flow.inverse_with_logdet(z)
+        # log q(x) = log N(z) - log|det dx/dz|
+        return x, standard_normal_log_prob(z) - logdet
+
