@@ -301,7 +301,7 @@ def _flow_args(parser: argparse.ArgumentParser, family: str) -> None:
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--hidden-features", type=int, default=64)
     parser.add_argument("--hidden-layers", type=int, default=2)
-    parser.add_argument("--options", help='family options as JSON, e.g. \'{"bins": 16}\'')
+    parser.add_argument("--options", help="family options as JSON, e.g. '{\"bins\": 16}'")
 
 
 def lab_main(argv: list[str]) -> Path:
@@ -406,7 +406,10 @@ def density_cli(argv: list[str]) -> None:
         DensityModule,
         VectorDataModule,
         args=argv,
-        parser_kwargs={"prog": "glowlab density", "description": "glowlab density: maximum-likelihood training of vector flows."},
+        parser_kwargs={
+            "prog": "glowlab density",
+            "description": "glowlab density: maximum-likelihood training of vector flows.",
+        },
         trainer_defaults=density_trainer_defaults(),
         save_config_kwargs={"overwrite": True},
     )

@@ -99,4 +99,3 @@ def test_standardize_keeps_log_density_in_data_units() -> None:
     torch.testing.assert_close(wrapped.log_prob(raw), expected)
     with pytest.raises(ValueError, match="std must be positive"):
         Standardize([0.0], [0.0])
-

@@ -354,3 +354,16 @@ def test_invalid_options_are_rejected_by_name() -> None:
         hutchinson_trace(lambda v: v, (B, D), distribution="uniform")
     with pytest.raises(ValueError, match="lipschitz"):
         InvertibleResidual(D, lipschitz=1.0)
+
+
+def test_eval_logdet_switches_to_exact_in_eval_mode() -> None:
+    torch.manual_seed(0)
+    layer = InvertibleResidual(3, 8, 1, logdet="series", series_terms=2, eval_logdet="exact").double()
+    perturb(layer, 0.3)
+    x = torch.randn(4, 3, dtype=torch.float64)
+    exact = per_example_slogdet(lambda v: layer.eval()(v)[0], x)
+    torch.testing.assert_close(layer.eval()(x)[1], exact, rtol=1e-9, atol=1e-9)
+    # In training mode the two-term series is used: a different (truncated, stochastic) number.
+    assert not torch.allclose(layer.train()(x)[1], exact, atol=1e-6)
+    with pytest.raises(ValueError, match="eval_logdet"):
+        InvertibleResidual(3, eval_logdet="approximate")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from glowlab.flows.base import Flow, sum_except_batch
-from glowlab.flows.elementwise import apply_transformer, check_option, check_spline_options, transformer_params
+from glowlab.flows.base import Flow, check_option, sum_except_batch
+from glowlab.flows.elementwise import apply_transformer, check_spline_options, transformer_params
 from glowlab.flows.made import MADE, ORDERS
 
 AUTOREGRESSIVE_TRANSFORMERS = ("affine", "spline")

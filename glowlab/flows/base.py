@@ -79,6 +79,12 @@ def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def check_option(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    """Raise ``ValueError`` naming the option ``name`` unless ``value`` is one of ``allowed``."""
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not one of {', '.join(map(repr, allowed))}")
+
+
 def sum_except_batch(x: Tensor) -> Tensor:
     """Sum over every dimension but the first: a per-example total of shape ``(B,)``, in >= float32."""
     return x.reshape(x.shape[0], -1).sum(dim=1, dtype=_accumulation_dtype(x.dtype))  # (B, D) -> (B,)

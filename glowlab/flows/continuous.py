@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 from torchdiffeq import odeint, odeint_adjoint
 
-from glowlab.flows.base import Flow
+from glowlab.flows.base import Flow, check_option
 
 DIVERGENCES = ("exact", "hutchinson")
 PROBES = ("rademacher", "gaussian")
@@ -22,11 +22,6 @@ ACTIVATIONS = ("tanh", "softplus")
 ADAPTIVE_SOLVERS = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
 FIXED_STEP_SOLVERS = ("euler", "midpoint", "heun2", "heun3", "rk4", "explicit_adams", "implicit_adams")
 SOLVERS = ADAPTIVE_SOLVERS + FIXED_STEP_SOLVERS
-
-
-def _check_option(name: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
 
 
 class ODENet(nn.Module):
@@ -44,7 +39,7 @@ class ODENet(nn.Module):
         self, features: int, hidden_features: int = 64, hidden_layers: int = 2, activation: str = "tanh"
     ) -> None:
         super().__init__()
-        _check_option("activation", activation, ACTIVATIONS)
+        check_option("activation", activation, ACTIVATIONS)
         if hidden_layers < 1:
             raise ValueError(f"hidden_layers must be >= 1, got {hidden_layers}")
         widths = [features] + [hidden_features] * hidden_layers
@@ -150,10 +145,10 @@ class CNF(Flow):
         activation: str = "tanh",
     ) -> None:
         super().__init__()
-        _check_option("divergence", divergence, DIVERGENCES)
-        _check_option("eval_divergence", eval_divergence, DIVERGENCES)
-        _check_option("probe", probe, PROBES)
-        _check_option("solver", solver, SOLVERS)
+        check_option("divergence", divergence, DIVERGENCES)
+        check_option("eval_divergence", eval_divergence, DIVERGENCES)
+        check_option("probe", probe, PROBES)
+        check_option("solver", solver, SOLVERS)
         if solver in FIXED_STEP_SOLVERS and step_size is None:
             raise ValueError(f"step_size is required by the fixed-step solver {solver!r}")
         if solver in ADAPTIVE_SOLVERS and step_size is not None:

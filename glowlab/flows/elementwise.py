@@ -9,7 +9,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from glowlab.flows.base import Flow, sum_except_batch
+from glowlab.flows.base import Flow, check_option, sum_except_batch
 from glowlab.flows.splines import piecewise_linear, rational_quadratic_spline
 
 TRANSFORMERS = ("affine", "additive", "spline")
@@ -18,12 +18,6 @@ TRANSFORMERS = ("affine", "additive", "spline")
 # output can overflow, above all in the sequential inverse of an autoregressive flow, where one
 # large scale is divided into every later dimension.
 SCALE_BOUND = 3.0
-
-
-def check_option(name: str, value: str, allowed: tuple[str, ...]) -> None:
-    """Raise ``ValueError`` naming the option ``name`` unless ``value`` is one of ``allowed``."""
-    if value not in allowed:
-        raise ValueError(f"{name}={value!r} is not one of {', '.join(map(repr, allowed))}")
 
 
 def check_spline_options(bins: int, bound: float) -> None:

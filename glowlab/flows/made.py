@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from glowlab.flows.elementwise import check_option
+from glowlab.flows.base import check_option
 
 ORDERS = ("natural", "reversed")
 

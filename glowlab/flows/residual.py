@@ -13,15 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from glowlab.flows.base import Flow, sum_except_batch
+from glowlab.flows.base import Flow, check_option, sum_except_batch
 
 LOGDETS = ("series", "exact")
 PROBE_DISTRIBUTIONS = ("rademacher", "gaussian")
-
-
-def _check_option(name: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name}={value!r} is not one of {', '.join(map(repr, allowed))}")
 
 
 def make_probes(
@@ -39,7 +34,7 @@ def make_probes(
     Rademacher probes (entries ±1) give the lower-variance trace estimate; Gaussian probes are the
     classic choice. With ``generator`` the draw happens on the generator's device, then moves.
     """
-    _check_option("distribution", distribution, PROBE_DISTRIBUTIONS)
+    check_option("distribution", distribution, PROBE_DISTRIBUTIONS)
     if probes < 1:
         raise ValueError(f"probes must be >= 1, got {probes}")
     dtype = dtype or torch.get_default_dtype()
@@ -199,6 +194,8 @@ class InvertibleResidual(Flow):
     ``series_terms`` terms and estimates every trace with the same ``probes`` Hutchinson probes
     (``v^T J^k v`` by ``k`` vector-Jacobian products): cheap in ``D`` but biased by the truncation
     and noisy. The log-determinant keeps its graph whenever grad mode is on, so it can be trained.
+    ``eval_logdet`` (default: as ``logdet``) is the mode in eval mode: train with the series and
+    evaluate held-out likelihoods exactly when ``D`` is small.
 
     ``inverse`` iterates ``x <- y - g(x)`` from ``x = y`` until the largest change is below
     ``tolerance`` (floored at a few ulps of the dtype so float32 can converge); the count lands in
@@ -220,20 +217,24 @@ class InvertibleResidual(Flow):
         probes: int = 1,
         max_iterations: int = 100,
         tolerance: float = 1e-10,
+        eval_logdet: str | None = None,
         *,
         distribution: str = "rademacher",
         power_iterations: int = 1,
         generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()
-        _check_option("logdet", logdet, LOGDETS)
-        _check_option("distribution", distribution, PROBE_DISTRIBUTIONS)
+        check_option("logdet", logdet, LOGDETS)
+        if eval_logdet is not None:
+            check_option("eval_logdet", eval_logdet, LOGDETS)
+        check_option("distribution", distribution, PROBE_DISTRIBUTIONS)
         if not 0 < lipschitz < 1:
             raise ValueError(f"lipschitz must be in (0, 1) for the block to be invertible, got {lipschitz}")
         if series_terms < 1 or probes < 1 or max_iterations < 1:
             raise ValueError("series_terms, probes and max_iterations must all be >= 1")
         self.features = features
         self.logdet, self.distribution = logdet, distribution
+        self.eval_logdet = eval_logdet
         self.series_terms, self.probes = series_terms, probes
         self.max_iterations, self.tolerance = max_iterations, tolerance
         self.last_iterations = 0
@@ -278,7 +279,8 @@ class InvertibleResidual(Flow):
         with torch.enable_grad():
             # The log-determinant needs derivatives with respect to x even under no_grad.
             x_in = x if keep_graph and x.requires_grad else x.detach().requires_grad_(True)
-            if self.logdet == "exact":
+            mode = self.logdet if self.training or self.eval_logdet is None else self.eval_logdet
+            if mode == "exact":
                 gx, logdet = self._exact(x_in, weights, keep_graph)
             else:
                 probes = make_probes(x.shape, self.probes, self.distribution, dtype=x.dtype, device=x.device)

@@ -5,14 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from glowlab.flows.base import Flow, sum_except_batch
-from glowlab.flows.elementwise import (
-    TRANSFORMERS,
-    apply_transformer,
-    check_option,
-    check_spline_options,
-    transformer_params,
-)
+from glowlab.flows.base import Flow, check_option, sum_except_batch
+from glowlab.flows.elementwise import TRANSFORMERS, apply_transformer, check_spline_options, transformer_params
 
 
 def conditioner_mlp(in_features: int, hidden_features: int, hidden_layers: int, out_features: int) -> nn.Sequential:

@@ -156,11 +156,14 @@ def run_lab(
                 print(f"{config.stem} on {dataset_name(source)}: done before, reusing {done}")
                 continue
             result = _cell(config, source, out, max_steps, seed, accelerator)
-            print(f"{config.stem} on {result['data']}: test NLL {result['test_nll']:.3f} ± {result['test_nll_stderr']:.3f}")
+            nll, stderr = result["test_nll"], result["test_nll_stderr"]
+            print(f"{config.stem} on {result['data']}: test NLL {nll:.3f} ± {stderr:.3f}")
             results.append(result)
     table = write_table(results, out)
     print(table.read_text(), end="")
     images = {f"{r['config']}/{r['data']}": Path(r["plot"]) for r in results if "plot" in r}
     metrics = {f"{r['config']}/{r['data']}/test_nll": r["test_nll"] for r in results}
-    log_to_wandb(wandb_project, "lab", {"configs": [str(p) for p in paths], "datasets": list(datasets)}, images, metrics)
+    log_to_wandb(
+        wandb_project, "lab", {"configs": [str(p) for p in paths], "datasets": list(datasets)}, images, metrics
+    )
     return table

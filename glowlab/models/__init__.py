@@ -1,5 +1,6 @@
 """Generative models built from :mod:`glowlab.flows`."""
 
-from glowlab.models.glow import FlowStep, Glow, GlowOutput
+from glowlab.models.density import FAMILIES, FlowModel, make_vector_flow
+from glowlab.models.glow import STEPS, FlowStep, Glow, GlowOutput
 
-__all__ = ["FlowStep", "Glow", "GlowOutput"]
+__all__ = ["FAMILIES", "STEPS", "FlowModel", "FlowStep", "Glow", "GlowOutput", "make_vector_flow"]

@@ -17,7 +17,6 @@ from glowlab.flows.elementwise import ElementwiseAffine, ElementwiseSpline, Leak
 from glowlab.flows.linear import LULinear
 from glowlab.flows.planar import Planar, Radial
 from glowlab.flows.residual import AdditiveResidual, InvertibleResidual
-from glowlab.flows.standardize import Standardize
 from glowlab.flows.vector_coupling import VectorCoupling
 
 
@@ -171,4 +170,3 @@ class FlowModel(nn.Module):
         x, logdet = self.flow.inverse_with_logdet(z)
         # log q(x) = log N(z) - log|det dx/dz|
         return x, standard_normal_log_prob(z) - logdet
-

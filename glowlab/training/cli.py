@@ -25,7 +25,7 @@ class ResultsCLI(LightningCLI):
             "--test_after_fit",
             type=bool,
             default=False,
-            help=f"After fit, evaluate the best checkpoint (by {self.metric.replace('test', 'val')}) on the test split.",
+            help=f"After fit, test the best checkpoint (by {self.metric.replace('test', 'val')}).",
         )
 
     def after_fit(self) -> None:

@@ -235,7 +235,8 @@ class DensityPlots(L.Callback):
     Every ``every_n_validations`` validations and once at the end of training; models of more than
     two dimensions are not plotted.
 
-    References: Grathwohl et al., "FFJORD: Free-form Continuous Dynamics for Scalable Reversible Generative Models", ICLR 2019.
+    References: Grathwohl et al., "FFJORD: Free-form Continuous Dynamics for Scalable Reversible
+    Generative Models", ICLR 2019.
     """
 
     def __init__(self, every_n_validations: int = 5, resolution: int = 160, samples: int = 5000) -> None:
