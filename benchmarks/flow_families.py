@@ -96,7 +96,7 @@ def continuous(dims: list[int], batch: int, repeats: int, device: str) -> None:
         x = torch.randn(batch, d, device=device)
         coupling = FlowModel(make_vector_flow("realnvp", d, 4, 64, 2), d).to(device)
         base = statistics.median(
-            timed(lambda c=coupling: -c.log_prob(x).mean().backward(), device) for _ in range(repeats)
+            timed(lambda c=coupling, v=x: -c.log_prob(v).mean().backward(), device) for _ in range(repeats)
         )
         for divergence in ("exact", "hutchinson"):
             for adjoint in (False, True):
