@@ -18,25 +18,14 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
-from collections.abc import Callable
 
 import torch
+from timing import timed
 
 from glowlab.flows.autoregressive import IAF, MAF
 from glowlab.flows.base import FlowSequence
 from glowlab.flows.continuous import CNF
 from glowlab.models.density import FlowModel, make_vector_flow
-
-
-def timed(fn: Callable[[], object], device: str) -> float:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
 
 
 def autoregressive(features: int, layers: int, hidden: int, batch: int, repeats: int, device: str) -> None:

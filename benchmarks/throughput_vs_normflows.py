@@ -21,9 +21,9 @@ import resource
 import statistics
 import subprocess
 import sys
-import time
 
 import torch
+from timing import timed
 
 SHAPE, LEVELS, STEPS, WIDTH = (3, 32, 32), 3, 8, 128
 
@@ -77,16 +77,6 @@ def sampler(model: torch.nn.Module, n: int):
             model.sample(n)  # both libraries call it sample(n): n images at temperature 1
 
     return draw
-
-
-def timed(fn, device: str) -> float:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
 
 
 def peak_memory(kind: str, width: int, batch: int, device: str) -> float:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -69,25 +70,17 @@ def hutchinson_samples(
     return sum_except_batch(flat).reshape(probes, shape[0])  # (P, B)
 
 
-def hutchinson_trace(
-    matvec: Callable[[Tensor], Tensor],
-    shape: Sequence[int],
-    probes: int = 1,
-    distribution: str = "rademacher",
-    generator: torch.Generator | None = None,
-    *,
-    dtype: torch.dtype | None = None,
-    device: torch.device | str | None = None,
-) -> Tensor:
+def hutchinson_trace(matvec: Callable[[Tensor], Tensor], shape: Sequence[int], *args: Any, **kwargs: Any) -> Tensor:
     """Unbiased estimate of ``tr(A)`` per example, shape ``(B,)``: the mean of ``v^T A v`` over probes.
 
     Unbiased because ``E[v^T A v] = tr(A E[v v^T]) = tr(A)``; the variance falls as ``1 / probes``.
-    See :func:`hutchinson_samples` for the ``matvec`` contract (it takes all probes at once).
+    Takes the arguments of :func:`hutchinson_samples` (``probes``, ``distribution``, ``generator``,
+    ``dtype``, ``device``), whose ``matvec`` contract it shares (all probes at once).
 
     References: Hutchinson, "A stochastic estimator of the trace of the influence matrix for
     Laplacian smoothing splines", Communications in Statistics - Simulation and Computation 1990.
     """
-    return hutchinson_samples(matvec, shape, probes, distribution, generator, dtype=dtype, device=device).mean(dim=0)
+    return hutchinson_samples(matvec, shape, *args, **kwargs).mean(dim=0)
 
 
 def _init_uniform(tensor: Tensor, bound: float, generator: torch.Generator | None) -> None:

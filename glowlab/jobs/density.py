@@ -70,7 +70,8 @@ def _cell(config: Path, source: str, out: Path, max_steps: int | None, seed: int
     args += ["--trainer.enable_model_summary", "false"]
     if max_steps is not None:
         args += ["--trainer.max_steps", str(max_steps)]
-    defaults = density_trainer_defaults(save_dir=str(out), name=config.stem, version=name, plots=False)
+    # One W&B run for the whole lab (--wandb-project), not one per cell.
+    defaults = density_trainer_defaults(save_dir=str(out), name=config.stem, version=name, plots=False, wandb=False)
     cli = DensityCLI(DensityModule, VectorDataModule, args=args, run=False, trainer_defaults=defaults)
     last = cell / "checkpoints" / "last.ckpt"
     start = time.perf_counter()

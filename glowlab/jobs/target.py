@@ -97,7 +97,7 @@ def fit_target(
     anneal_steps: int = 1000,
     seed: int = 0,
     kl_samples: int = 20000,
-    resolution: int = 160,
+    resolution: int = 128,
     wandb_project: str | None = None,
 ) -> dict[str, Any]:
     """Fit a 2-D flow to ``exp(-U)`` of a built-in energy by reverse KL; report the KL in nats.
@@ -140,8 +140,12 @@ def fit_target(
     with torch.no_grad():
         drawn = model.sample(5000, generator=torch.Generator().manual_seed(seed)).double().numpy()
     parts = [
-        save_heatmap(np.exp(target_logp), out / "target-density.png"),
-        save_heatmap(np.exp(_grid_log_density(model, bound, resolution)), out / "model-density.png"),
+        save_heatmap(np.exp(target_logp), out / "target-density.png", scale=max(1, 256 // resolution)),
+        save_heatmap(
+            np.exp(_grid_log_density(model, bound, resolution)),
+            out / "model-density.png",
+            scale=max(1, 256 // resolution),
+        ),
         save_scatter(drawn, out / "model-samples.png", bound),
     ]
     panel = save_panels(parts, out / "target.png", labels=["target", "flow density", "flow samples"])

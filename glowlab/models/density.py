@@ -29,6 +29,8 @@ class Family:
     ``lu`` puts an LU linear layer before every layer and after the last (elementwise families mix
     nothing on their own). ``final_scale`` ends the stack with a learned diagonal affine map, for
     families that keep the volume or cannot rescale globally.
+
+    References: Papamakarios et al., "Normalizing Flows for Probabilistic Modeling and Inference", JMLR 2021.
     """
 
     layer: Callable[..., Flow]

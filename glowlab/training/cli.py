@@ -98,19 +98,20 @@ class DensityCLI(ResultsCLI):
 
 
 def density_trainer_defaults(
-    save_dir: str = "runs", name: str = "density", version: str | None = None, plots: bool = True
+    save_dir: str = "runs", name: str = "density", version: str | None = None, plots: bool = True, wandb: bool = True
 ) -> dict[str, Any]:
     """Trainer settings every density-lab run shares; a config's ``trainer`` section overrides them.
 
     The checkpoint (best by ``val_nll`` and last), the preemption handler and (with ``plots``) the
-    2-D density plots are always attached. Evaluation runs with autograd on (``inference_mode``
-    off) because iResNet and CNF compute log-determinants with it.
+    2-D density plots are always attached. Logging goes to ``metrics.csv`` in the run folder and
+    (with ``wandb``) to W&B, offline unless ``WANDB_MODE`` says otherwise. Evaluation runs with
+    autograd on (``inference_mode`` off) because iResNet and CNF compute log-determinants with it.
     """
-    from jsonargparse import lazy_instance
-
     from glowlab.training.callbacks import GlowCheckpoint, Preemption
     from glowlab.training.density import DensityPlots
-    from glowlab.training.loggers import ResumableCSVLogger
+
+    csv = {"save_dir": save_dir, "name": name, "version": version}
+    run = {"save_dir": save_dir, "project": "glowlab", "name": name}
 
     callbacks = [
         GlowCheckpoint(monitor="val_nll", mode="min", filename="best", save_last=True),
@@ -122,6 +123,10 @@ def density_trainer_defaults(
         "inference_mode": False,
         "log_every_n_steps": 20,
         "gradient_clip_val": 10.0,
-        "logger": lazy_instance(ResumableCSVLogger, save_dir=save_dir, name=name, version=version),
+        # CSV first: its folder is the run folder (checkpoints, plots, results).
+        "logger": [
+            {"class_path": "glowlab.training.ResumableCSVLogger", "init_args": csv},
+            *([{"class_path": "glowlab.training.GlowWandbLogger", "init_args": run}] if wandb else []),
+        ],
         "callbacks": callbacks,
     }

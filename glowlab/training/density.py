@@ -21,7 +21,7 @@ from glowlab.flows.standardize import Standardize
 from glowlab.models.density import FlowModel, make_vector_flow
 from glowlab.plots import grid_points, save_heatmap, save_panels, save_scatter
 from glowlab.training.callbacks import run_directory
-from glowlab.training.module import OPTIMIZERS
+from glowlab.training.module import OPTIMIZERS, optimizer_with_warmup
 
 SPLITS = ("train", "val", "test")
 
@@ -175,11 +175,7 @@ class DensityModule(L.LightningModule):
         self._eval_step(batch, "test")
 
     def configure_optimizers(self) -> Any:
-        hp = self.hparams
-        optimizer = OPTIMIZERS[hp.optimizer](self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
-        warmup = max(1, hp.warmup_steps)
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+        return optimizer_with_warmup(self, self.hparams)
 
 
 def plot_bound(points: np.ndarray, margin: float = 1.1) -> float:
@@ -193,7 +189,7 @@ def density_panel(
     data: np.ndarray,
     path: str | Path,
     bound: float,
-    resolution: int = 160,
+    resolution: int = 128,
     samples: int = 5000,
     seed: int = 0,
     chunk: int = 4096,
@@ -220,7 +216,10 @@ def density_panel(
     parts = [
         save_scatter(data, path.with_name(path.stem + "-data.png"), bound),
         save_heatmap(
-            log_density.reshape(resolution, resolution), path.with_name(path.stem + "-logp.png"), dynamic_range=10.0
+            log_density.reshape(resolution, resolution),
+            path.with_name(path.stem + "-logp.png"),
+            scale=max(1, 256 // resolution),  # the scatter panels' 256 pixels
+            dynamic_range=10.0,
         ),
         save_scatter(drawn, path.with_name(path.stem + "-samples.png"), bound),
     ]
@@ -239,7 +238,7 @@ class DensityPlots(L.Callback):
     Generative Models", ICLR 2019.
     """
 
-    def __init__(self, every_n_validations: int = 5, resolution: int = 160, samples: int = 5000) -> None:
+    def __init__(self, every_n_validations: int = 5, resolution: int = 128, samples: int = 5000) -> None:
         self.every = every_n_validations
         self.resolution = resolution
         self.samples = samples

@@ -17,6 +17,14 @@ from glowlab.models import Glow
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamax": torch.optim.Adamax}
 
 
+def optimizer_with_warmup(module: nn.Module, hp: Any) -> dict[str, Any]:
+    """``hp.optimizer`` over the module's parameters, the learning rate rising linearly over ``hp.warmup_steps``."""
+    optimizer = OPTIMIZERS[hp.optimizer](module.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+    warmup = max(1, hp.warmup_steps)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
 class GlowModule(L.LightningModule):
     """Trains :class:`glowlab.models.Glow`; the loss is the negative log-likelihood in bits/dim.
 
@@ -141,8 +149,4 @@ class GlowModule(L.LightningModule):
             self.log("grad_norm", norm, on_step=True, on_epoch=False)
 
     def configure_optimizers(self) -> Any:
-        hp = self.hparams
-        optimizer = OPTIMIZERS[hp.optimizer](self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
-        warmup = max(1, hp.warmup_steps)
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+        return optimizer_with_warmup(self, self.hparams)
