@@ -57,8 +57,8 @@ def reverse_kl_train(
         optimizer.step()
         schedule.step()
         if log_every and (step % log_every == 0 or step == steps - 1):
-            losses.append(float(loss))
-            print(f"step {step:5d}  beta {beta:.2f}  loss {float(loss):.4f}")
+            losses.append(float(loss.detach()))
+            print(f"step {step:5d}  beta {beta:.2f}  loss {losses[-1]:.4f}")
     model.eval()
     return losses
 
