@@ -27,7 +27,8 @@ install_packages() {
 write_config() {
   local host cpus mem
   host="$(hostname -s)"
-  cpus="$(nproc)"
+  # Not `nproc`: it follows OMP_NUM_THREADS, which would shrink the node to what one process may use.
+  cpus="$(getconf _NPROCESSORS_ONLN)"
   mem="$(awk '/MemTotal/ {print int($2 / 1024 * 0.9)}' /proc/meminfo)"
   mkdir -p "$dir/state" "$dir/spool" "$dir/log"
   cat > "$conf" <<CONF
