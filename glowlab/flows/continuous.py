@@ -12,7 +12,6 @@ import itertools
 
 import torch
 from torch import Tensor, nn
-from torchdiffeq import odeint, odeint_adjoint
 
 from glowlab.flows.base import Flow, check_option
 
@@ -201,6 +200,10 @@ class CNF(Flow):
         options = {} if self.step_size is None else {"step_size": self.step_size}
         kwargs = {"rtol": self.rtol, "atol": self.atol, "method": self.solver, "options": options}
         params = tuple(p for p in self.net.parameters() if p.requires_grad)
+        # Imported here, not at module level: torchdiffeq loads SciPy (and its BLAS thread pool), which
+        # every process importing glowlab.flows would otherwise carry into forked data-loader workers.
+        from torchdiffeq import odeint, odeint_adjoint
+
         # Without gradients there is nothing for the adjoint to do: a plain solve is cheaper.
         if self.adjoint and torch.is_grad_enabled():
             solution = odeint_adjoint(dynamics, state, times, adjoint_params=params, **kwargs)
