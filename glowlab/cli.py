@@ -304,6 +304,25 @@ def _flow_args(parser: argparse.ArgumentParser, family: str) -> None:
     parser.add_argument("--options", help="family options as JSON, e.g. '{\"bins\": 16}'")
 
 
+def _reverse_kl_args(parser: argparse.ArgumentParser, steps: int) -> None:
+    """Optimisation options shared by the reverse-KL jobs (fit-target, distill)."""
+    parser.add_argument("--steps", type=int, default=steps)
+    parser.add_argument("--batch-size", type=int, default=512)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--wandb-project")
+
+
+def _reverse_kl_kwargs(args: argparse.Namespace) -> dict:
+    return {
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "seed": args.seed,
+        "wandb_project": args.wandb_project,
+    }
+
+
 def lab_main(argv: list[str]) -> Path:
     """``glowlab lab``: train each density config on each data set; write the held-out NLL table."""
     from glowlab.data.toy import TOY_DATASETS
@@ -333,13 +352,9 @@ def fit_target_main(argv: list[str]) -> dict:
     parser = argparse.ArgumentParser(prog="glowlab fit-target", description=fit_target_main.__doc__)
     parser.add_argument("--target", required=True, choices=ENERGIES)
     _flow_args(parser, "realnvp")
-    parser.add_argument("--steps", type=int, default=5000)
-    parser.add_argument("--batch-size", type=int, default=512)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    _reverse_kl_args(parser, steps=5000)
     parser.add_argument("--anneal-steps", type=int, default=1000, help="inverse temperature 0.01 -> 1 over these")
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", help="default: runs/target/TARGET-FAMILY")
-    parser.add_argument("--wandb-project")
     args = parser.parse_args(argv)
     return fit_target(
         args.target,
@@ -349,12 +364,8 @@ def fit_target_main(argv: list[str]) -> dict:
         hidden_features=args.hidden_features,
         hidden_layers=args.hidden_layers,
         options=_options(args.options),
-        steps=args.steps,
-        batch_size=args.batch_size,
-        lr=args.lr,
         anneal_steps=args.anneal_steps,
-        seed=args.seed,
-        wandb_project=args.wandb_project,
+        **_reverse_kl_kwargs(args),
     )
 
 
@@ -365,23 +376,10 @@ def distill_main(argv: list[str]) -> dict:
     parser = argparse.ArgumentParser(prog="glowlab distill", description=distill_main.__doc__)
     parser.add_argument("--teacher", required=True, help="density-lab checkpoint of a MAF")
     parser.add_argument("--family", help="student family (default: iaf for maf, iaf-spline for maf-spline)")
-    parser.add_argument("--steps", type=int, default=3000)
-    parser.add_argument("--batch-size", type=int, default=512)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--seed", type=int, default=0)
+    _reverse_kl_args(parser, steps=3000)
     parser.add_argument("--out", default="runs/distill")
-    parser.add_argument("--wandb-project")
     args = parser.parse_args(argv)
-    return distill(
-        args.teacher,
-        args.out,
-        family=args.family,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        seed=args.seed,
-        wandb_project=args.wandb_project,
-    )
+    return distill(args.teacher, args.out, family=args.family, **_reverse_kl_kwargs(args))
 
 
 def score_main(argv: list[str]) -> dict:

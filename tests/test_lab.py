@@ -171,3 +171,32 @@ def test_distilled_student_matches_its_teacher(tmp_path) -> None:
     student, hp = load_density(tmp_path / "student" / "student.ckpt")
     assert hp["family"] == "iaf" and metrics["sampling_speedup"] > 0
     assert isinstance(student, FlowModel)
+
+
+def test_distill_command_on_a_teacher_trained_on_moons(tmp_path) -> None:
+    # The user's path end to end: `glowlab density fit` a MAF on a toy set, then `glowlab distill`.
+    with working_directory(tmp_path):
+        main(
+            [
+                *["density", "fit", "--config", str(ROOT / "configs" / "density" / "maf.yaml")],
+                *["--data.source", "moons", "--data.n_train", "4000", "--trainer.max_steps", "150", *QUIET],
+            ]
+        )
+        teacher = tmp_path / "runs" / "density" / "version_0" / "checkpoints" / "last.ckpt"
+        main(["distill", "--teacher", str(teacher), "--steps", "800", "--lr", "3e-3", "--out", "student"])
+    metrics = json.loads((tmp_path / "student" / "metrics.json").read_text())
+    assert metrics["student_family"] == "iaf" and metrics["features"] == 2
+    assert metrics["kl_student_teacher"] < 0.1, metrics
+    scores = tmp_path / "scores.csv"
+    main(["score", "--ckpt", str(tmp_path / metrics["checkpoint"]), "--data", "moons", "--out", str(scores)])
+    assert len(list(csv.DictReader(scores.open()))) == 5000
+
+
+def test_fit_target_command_writes_metrics_and_names_bad_options(tmp_path, capsys) -> None:
+    out = tmp_path / "u2"
+    main(["fit-target", "--target", "u2", "--family", "iaf", "--layers", "2", "--steps", "50", "--out", str(out)])
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["family"] == "iaf" and metrics["steps"] == 50 and math.isfinite(metrics["kl"])
+    with pytest.raises(SystemExit):
+        main(["fit-target", "--target", "u2", "--family", "iaf", "--options", '{"lipschitz": 0.5}', "--out", str(out)])
+    assert "family 'iaf' has no option 'lipschitz'" in capsys.readouterr().err

@@ -38,30 +38,27 @@ class Family:
     alternate: tuple[str, tuple[Any, Any]] | None = None
     lu: bool = False
     final_scale: bool = False
-    summary: str = ""
 
 
 ORDER = ("order", ("natural", "reversed"))
 PARITY = ("parity", (0, 1))
 
 FAMILIES: dict[str, Family] = {
-    "maf": Family(MAF, {"transformer": "affine"}, ORDER, summary="masked autoregressive flow, affine"),
-    "maf-spline": Family(MAF, {"transformer": "spline"}, ORDER, summary="masked autoregressive flow, RQ spline"),
-    "iaf": Family(IAF, {"transformer": "affine"}, ORDER, summary="inverse autoregressive flow, affine"),
-    "iaf-spline": Family(IAF, {"transformer": "spline"}, ORDER, summary="inverse autoregressive flow, RQ spline"),
-    "realnvp": Family(VectorCoupling, {"transformer": "affine"}, PARITY, summary="affine coupling (RealNVP)"),
-    "nice": Family(
-        VectorCoupling, {"transformer": "additive"}, PARITY, final_scale=True, summary="additive coupling (NICE)"
-    ),
-    "spline-coupling": Family(VectorCoupling, {"transformer": "spline"}, PARITY, summary="RQ spline coupling (NSF)"),
-    "lu-spline": Family(ElementwiseSpline, lu=True, summary="LU linear + elementwise RQ spline"),
-    "lu-piecewise": Family(PiecewiseLinear, lu=True, summary="LU linear + elementwise piecewise linear"),
-    "lu-leakyrelu": Family(LeakyReLU, lu=True, summary="LU linear + leaky ReLU"),
-    "iresnet": Family(InvertibleResidual, final_scale=True, summary="invertible residual network (iResNet)"),
-    "irevnet": Family(AdditiveResidual, final_scale=True, summary="additive residual blocks (i-RevNet)"),
-    "cnf": Family(CNF, summary="continuous normalizing flow (FFJORD)"),
-    "planar": Family(Planar, summary="planar flow"),
-    "radial": Family(Radial, summary="radial flow"),
+    "maf": Family(MAF, {"transformer": "affine"}, ORDER),
+    "maf-spline": Family(MAF, {"transformer": "spline"}, ORDER),
+    "iaf": Family(IAF, {"transformer": "affine"}, ORDER),
+    "iaf-spline": Family(IAF, {"transformer": "spline"}, ORDER),
+    "realnvp": Family(VectorCoupling, {"transformer": "affine"}, PARITY),
+    "nice": Family(VectorCoupling, {"transformer": "additive"}, PARITY, final_scale=True),
+    "spline-coupling": Family(VectorCoupling, {"transformer": "spline"}, PARITY),
+    "lu-spline": Family(ElementwiseSpline, lu=True),
+    "lu-piecewise": Family(PiecewiseLinear, lu=True),
+    "lu-leakyrelu": Family(LeakyReLU, lu=True),
+    "iresnet": Family(InvertibleResidual, final_scale=True),
+    "irevnet": Family(AdditiveResidual, final_scale=True),
+    "cnf": Family(CNF),
+    "planar": Family(Planar),
+    "radial": Family(Radial),
 }
 
 # Arguments the builder passes to every layer class that accepts them.

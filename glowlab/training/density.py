@@ -16,7 +16,7 @@ from torchmetrics import MeanMetric
 
 from glowlab.data.tabular import load_vectors, split_vectors, standardise
 from glowlab.data.toy import TOY_DATASETS, toy_splits
-from glowlab.flows.base import FlowSequence
+from glowlab.flows.base import FlowSequence, check_option
 from glowlab.flows.standardize import Standardize
 from glowlab.models.density import FlowModel, make_vector_flow
 from glowlab.plots import grid_points, save_heatmap, save_panels, save_scatter
@@ -144,8 +144,7 @@ class DensityModule(L.LightningModule):
         warmup_steps: int = 0,
     ) -> None:
         super().__init__()
-        if optimizer not in OPTIMIZERS:
-            raise ValueError(f"model.optimizer={optimizer!r} is not one of {', '.join(map(repr, OPTIMIZERS))}")
+        check_option("model.optimizer", optimizer, tuple(OPTIMIZERS))
         self.save_hyperparameters()
         body = make_vector_flow(family, features, layers, hidden_features, hidden_layers, options)
         standardize = Standardize(mean if mean is not None else [0.0] * features, std or [1.0] * features)

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
+from glowlab.flows.base import check_option
 from glowlab.likelihood import bits_per_dim
 from glowlab.models import Glow
 
@@ -56,8 +57,7 @@ class GlowModule(L.LightningModule):
         warmup_steps: int = 1000,
     ) -> None:
         super().__init__()
-        if optimizer not in OPTIMIZERS:
-            raise ValueError(f"model.optimizer={optimizer!r} is not one of {', '.join(map(repr, OPTIMIZERS))}")
+        check_option("model.optimizer", optimizer, tuple(OPTIMIZERS))
         if n_bins < 2:
             raise ValueError(f"n_bins must be >= 2, got {n_bins}")
         self.save_hyperparameters()
