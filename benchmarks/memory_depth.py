@@ -16,10 +16,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
+
+from memory import current_rss_mib, peak_rss_mib
 
 
 def measure(mode: str, depth: int, width: int, batch: int, steps: int, device: str) -> dict:
@@ -42,7 +43,7 @@ def measure(mode: str, depth: int, width: int, batch: int, steps: int, device: s
         if device.startswith("cuda"):
             torch.cuda.synchronize()
             return torch.cuda.max_memory_allocated() / 2**20
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB
+        return peak_rss_mib()
 
     step()  # parameters, gradients and Adam state now exist
     if device.startswith("cuda"):
@@ -50,19 +51,13 @@ def measure(mode: str, depth: int, width: int, batch: int, steps: int, device: s
         base = torch.cuda.memory_allocated() / 2**20
         torch.cuda.reset_peak_memory_stats()
     else:
-        base = _current_rss_mib()
+        base = current_rss_mib()
     start = time.perf_counter()
     for _ in range(steps):
         step()
     seconds = (time.perf_counter() - start) / steps
     peak = used()
     return {"mode": mode, "K": depth, "peak_mib": peak, "activations_mib": peak - base, "s_per_step": seconds}
-
-
-def _current_rss_mib() -> float:
-    with open("/proc/self/statm") as f:
-        pages = int(f.read().split()[1])
-    return pages * resource.getpagesize() / 2**20
 
 
 def main() -> None:

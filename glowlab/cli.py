@@ -415,6 +415,25 @@ def density_cli(argv: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``glowlab`` console script."""
+    try:
+        _run(argv)
+    finally:
+        _close_distributed()
+
+
+def _close_distributed() -> None:
+    """Destroy the process group a distributed job left behind.
+
+    A gloo group still alive when the interpreter exits can abort the process (``terminate called
+    without an active exception``) after its results were written, and SLURM marks the job FAILED.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _run(argv: list[str] | None) -> None:
     explicit = argv
     argv = sys.argv[1:] if argv is None else list(argv)
     commands = {

@@ -45,6 +45,7 @@ LAYERS = {
     "checkerboard_coupling_odd": lambda: CheckerboardCoupling(5, 8, parity=1),
     "affine_coupling_odd": lambda: AffineCoupling(5, 8),
     "squeeze": lambda: Squeeze(),
+    "squeeze_channels_last": lambda: Squeeze("channels_last"),
     "split": lambda: Split(4),
     "split_odd": lambda: Split(5),
     "top_prior": lambda: TopPrior((4, 4, 4)),
@@ -187,14 +188,29 @@ def test_zero_initialised_layers_start_as_identity() -> None:
     assert torch.equal(logdet, torch.zeros(2))
 
 
-def test_squeeze_moves_2x2_blocks_to_channels() -> None:
+@pytest.mark.parametrize("memory_format", ["contiguous", "channels_last"])
+def test_squeeze_moves_2x2_blocks_to_channels(memory_format: str) -> None:
     x = torch.arange(16.0).reshape(1, 1, 4, 4)
-    y, _ = Squeeze()(x)
+    squeeze = Squeeze(memory_format)
+    y, _ = squeeze(x)
     assert y.shape == (1, 4, 2, 2)
     # Channel k holds the pixel at offset (k // 2, k % 2) of each 2x2 block.
     assert y[0, :, 0, 0].tolist() == [0.0, 1.0, 4.0, 5.0]
     with pytest.raises(ValueError, match="even height and width"):
-        Squeeze()(torch.zeros(1, 1, 3, 4))
+        squeeze(torch.zeros(1, 1, 3, 4))
+
+
+def test_squeeze_memory_formats_store_the_same_values() -> None:
+    x = torch.randn(2, 3, 8, 12)
+    fast, plain = Squeeze("channels_last"), Squeeze("contiguous")
+    y = fast(x)[0]
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(y, plain(x)[0])
+    assert torch.equal(fast(y)[0], plain(y)[0])  # a channels-last input too
+    back = fast.inverse(y)
+    assert back.is_contiguous(memory_format=torch.channels_last) and torch.equal(back, x)
+    with pytest.raises(ValueError, match="memory_format='nhwc'"):
+        Squeeze("nhwc")
 
 
 def test_unknown_names_are_rejected() -> None:

@@ -33,6 +33,7 @@ VARIANTS = [
     dict(coupling="affine", permutation="lu", levels=3, image_shape=(1, 8, 8)),
     dict(step="realnvp", permutation="reverse", image_shape=(1, 8, 8)),
     dict(step="nice", coupling="additive", levels=1, learn_top=False),
+    dict(coupling="affine", permutation="lu", memory_format="contiguous"),
 ]
 IDS = [
     "affine-lu",
@@ -44,6 +45,7 @@ IDS = [
     "3-levels",
     "realnvp",
     "nice",
+    "contiguous",
 ]
 
 
@@ -160,7 +162,36 @@ def test_every_parameter_gets_a_gradient() -> None:
     assert not missing, f"no gradient for {missing}"
 
 
+@pytest.mark.parametrize("step", ["glow", "realnvp", "nice"])
+def test_memory_formats_give_the_same_model(step: str) -> None:
+    coupling = "additive" if step == "nice" else "affine"
+    kwargs = dict(step=step, coupling=coupling, image_shape=(2, 8, 8), levels=2, steps=2, hidden_channels=8)
+    fast = tiny_glow(memory_format="channels_last", **kwargs)
+    plain = Glow(memory_format="contiguous", **{**TINY, **kwargs}).double()
+    plain.load_state_dict(fast.state_dict())
+    stored = []
+    for layer in fast.modules():
+        if isinstance(layer, torch.nn.Conv2d):
+            layer.register_forward_pre_hook(lambda _, args: stored.append(args[0].stride(1) == 1))
+    x = torch.rand(3, 2, 8, 8, dtype=torch.float64) - 0.5
+    outs = [model.evaluate(x) for model in (fast, plain)]
+    assert stored and all(stored), "every coupling convolution should see channels-last activations"
+    for a, b in zip(outs[0].zs, outs[1].zs, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(outs[0].log_prob, outs[1].log_prob, rtol=1e-12, atol=1e-10)
+    grads = [
+        torch.autograd.grad(out.log_prob.sum(), list(model.parameters()))
+        for out, model in zip(outs, (fast, plain), strict=True)
+    ]
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+    zs = fast.sample_latents(2, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(fast.decode(zs), plain.decode(zs), rtol=1e-10, atol=1e-12)
+
+
 def test_bad_arguments_are_named() -> None:
+    with pytest.raises(ValueError, match="memory_format='nhwc'"):
+        Glow(**TINY, memory_format="nhwc")
     with pytest.raises(ValueError, match="coupling='affin'"):
         Glow(**TINY, coupling="affin")
     with pytest.raises(ValueError, match="permutation='LU'"):

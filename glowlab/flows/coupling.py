@@ -104,7 +104,12 @@ class CheckerboardCoupling(Flow):
         return ((rows + cols + self.parity) % 2 == 0).to(x.dtype).expand(x.shape[0], 1, h, w)  # (B, 1, H, W)
 
     def _shift_scale(self, x_cond: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-        h = self.net(torch.cat([x_cond, mask], dim=1))
+        inputs = torch.cat([x_cond, mask], dim=1)  # (B, C + 1, H, W)
+        if x_cond.is_contiguous(memory_format=torch.channels_last):
+            # cat falls back to NCHW because the broadcast mask has no channels-last strides; the
+            # convolutions run faster on the channels-last copy than on NCHW.
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
+        h = self.net(inputs)
         return h[:, 0::2], torch.sigmoid(h[:, 1::2] + 2.0)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:

@@ -23,10 +23,17 @@ class ChannelPermutation(Flow):
         self.register_buffer("inv_perm", torch.argsort(perm))
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        return x[:, self.perm], x.new_zeros(x.shape[0])
+        return _take_channels(x, self.perm), x.new_zeros(x.shape[0])
 
     def inverse(self, y: Tensor) -> Tensor:
-        return y[:, self.inv_perm]
+        return _take_channels(y, self.inv_perm)
+
+
+def _take_channels(x: Tensor, index: Tensor) -> Tensor:
+    """``x[:, index]``, stored channels-last when ``x`` is (indexing dim 1 would give NCHW)."""
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        return x.permute(0, 2, 3, 1)[..., index].permute(0, 3, 1, 2)  # gather in (B, H, W, C), back to (B, C, H, W)
+    return x[:, index]
 
 
 class Reverse(ChannelPermutation):

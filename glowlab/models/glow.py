@@ -21,9 +21,11 @@ from glowlab.flows import (
     make_permutation,
     standard_normal_log_prob,
 )
+from glowlab.flows.base import check_option
 from glowlab.flows.coupling import CheckerboardCoupling
 from glowlab.flows.elementwise import ElementwiseAffine
 from glowlab.flows.invertible import invertible_forward
+from glowlab.flows.squeeze import MEMORY_FORMATS, to_memory_format
 
 MEMORY_MODES = ("standard", "invertible")
 # How each level's flow steps are built (see Glow's docstring): the three classic multiscale flows.
@@ -74,17 +76,20 @@ def nice_step(num_channels: int, hidden_channels: int) -> FlowSequence:
     return FlowSequence([Reverse(num_channels), AdditiveCoupling(num_channels, hidden_channels)])
 
 
-def level_layers(step: str, c: int, hidden: int, steps: int, coupling: str, permutation: str) -> list:
+def level_layers(
+    step: str, c: int, hidden: int, steps: int, coupling: str, permutation: str, memory_format: str
+) -> list:
     """One level's layers for input channels ``c``: its squeeze and ``steps`` flow steps of kind ``step``."""
+    squeeze = Squeeze(memory_format)
     if step == "glow":
-        return [Squeeze()] + [FlowStep(4 * c, hidden, coupling, permutation) for _ in range(steps)]
+        return [squeeze] + [FlowStep(4 * c, hidden, coupling, permutation) for _ in range(steps)]
     if step == "realnvp":
         # Checkerboard couplings at full resolution, then channel couplings (alternated by a
         # reversal) after the squeeze, as in the paper's scale blocks.
         before = [realnvp_checkerboard_step(c, hidden, k % 2) for k in range(steps)]
         after = [FlowStep(4 * c, hidden, "affine", "reverse") for _ in range(steps)]
-        return [*before, Squeeze(), *after]
-    return [Squeeze()] + [nice_step(4 * c, hidden) for _ in range(steps)]
+        return [*before, squeeze, *after]
+    return [squeeze] + [nice_step(4 * c, hidden) for _ in range(steps)]
 
 
 class Glow(nn.Module):
@@ -99,6 +104,9 @@ class Glow(nn.Module):
     ``memory="invertible"`` trains without storing activations inside a level: the backward pass
     rebuilds each level's input from its output with the exact inverse (see
     :mod:`glowlab.flows.invertible`); results and gradients are those of ``"standard"``.
+    ``memory_format`` is how activations are stored between layers: ``"channels_last"`` (the
+    default: oneDNN and cuDNN convolutions run faster on it; see ``benchmarks/README.md``) or
+    ``"contiguous"`` (NCHW). It changes no parameter and no value beyond float rounding.
 
     ``step`` picks the classic model this multiscale skeleton builds: ``"glow"`` (ActNorm,
     ``permutation``, ``coupling``), ``"realnvp"`` (per level ``steps`` checkerboard affine
@@ -109,8 +117,6 @@ class Glow(nn.Module):
 
     References: Kingma & Dhariwal, "Glow: Generative Flow with Invertible 1x1 Convolutions", 2018.
     Dinh et al., "Density estimation using Real NVP", ICLR 2017; Dinh et al., "NICE", 2014.
-
-    References: Kingma & Dhariwal, "Glow: Generative Flow with Invertible 1x1 Convolutions", 2018.
     """
 
     def __init__(
@@ -125,8 +131,11 @@ class Glow(nn.Module):
         num_classes: int | None = None,
         memory: str = "standard",
         step: str = "glow",
+        memory_format: str = "channels_last",
     ) -> None:
         super().__init__()
+        check_option("memory_format", memory_format, MEMORY_FORMATS)
+        self.memory_format = memory_format
         if step not in STEPS:
             raise ValueError(f"step={step!r} is not one of {', '.join(map(repr, STEPS))}")
         self.step = step
@@ -153,7 +162,7 @@ class Glow(nn.Module):
         self.splits = nn.ModuleList()
         z_shapes: list[tuple[int, int, int]] = []
         for level in range(levels):
-            layers = level_layers(step, c, hidden_channels, steps, coupling, permutation)
+            layers = level_layers(step, c, hidden_channels, steps, coupling, permutation, memory_format)
             c, h, w = 4 * c, h // 2, w // 2  # after the squeeze
             if step == "nice" and level == levels - 1:
                 # NICE's couplings keep the volume; this diagonal scaling is what learns it.
@@ -192,7 +201,7 @@ class Glow(nn.Module):
             )
         logdet = x.new_zeros(x.shape[0], dtype=torch.promote_types(x.dtype, torch.float32))
         zs: list[Tensor] = []
-        h = x
+        h = to_memory_format(x, self.memory_format)
         for i, level in enumerate(self.levels):
             split = self.splits[i] if i < len(self.splits) else None
             if self.memory == "invertible":
