@@ -7,8 +7,12 @@ after the first step's parameters, gradients and optimizer state exist ("activat
 backprop keeps), the seconds per step, and the ratios that matter: invertible K=32 over K=8, and
 invertible over standard time.
 
-    python benchmarks/memory_depth.py                      # CPU, width 128, batch 32 (a few minutes)
+    python benchmarks/memory_depth.py                      # CPU, width 128, batch 32 (about a minute)
     python benchmarks/memory_depth.py --device cuda --width 512 --batch 64
+    python benchmarks/memory_depth.py --device cuda --width 512 --batch 64 --depths 32 --precision bf16
+
+The last line is the paper's CIFAR-10 model (L=3, K=32, width 512) under bf16 autocast; the flow
+keeps its log-determinants and log-densities in float32 there.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import time
 from memory import current_rss_mib, peak_rss_mib
 
 
-def measure(mode: str, depth: int, width: int, batch: int, steps: int, device: str) -> dict:
+def measure(mode: str, depth: int, width: int, batch: int, steps: int, device: str, precision: str) -> dict:
     import torch
 
     from glowlab.likelihood import bits_per_dim
@@ -36,7 +40,9 @@ def measure(mode: str, depth: int, width: int, batch: int, steps: int, device: s
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=False)
-        bits_per_dim(model.log_prob(x), model.num_dims, 256).mean().backward()
+        with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=precision == "bf16"):
+            loss = bits_per_dim(model.log_prob(x), model.num_dims, 256).mean()
+        loss.backward()
         optimizer.step()
 
     def used() -> float:
@@ -57,7 +63,14 @@ def measure(mode: str, depth: int, width: int, batch: int, steps: int, device: s
         step()
     seconds = (time.perf_counter() - start) / steps
     peak = used()
-    return {"mode": mode, "K": depth, "peak_mib": peak, "activations_mib": peak - base, "s_per_step": seconds}
+    return {
+        "mode": mode,
+        "K": depth,
+        "peak_mib": peak,
+        "activations_mib": peak - base,
+        "s_per_step": seconds,
+        "images_per_s": batch / seconds,
+    }
 
 
 def main() -> None:
@@ -67,10 +80,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--depths", type=int, nargs="+", default=[8, 16, 32])
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--precision", choices=("32", "bf16"), default="32", help="bf16: bf16 autocast")
     parser.add_argument("--worker", nargs=2, metavar=("MODE", "K"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(measure(args.worker[0], int(args.worker[1]), args.width, args.batch, args.steps, args.device)))
+        mode, depth = args.worker[0], int(args.worker[1])
+        print(json.dumps(measure(mode, depth, args.width, args.batch, args.steps, args.device, args.precision)))
         return
     rows = []
     for depth in args.depths:
@@ -89,6 +104,8 @@ def main() -> None:
                 str(args.steps),
                 "--device",
                 args.device,
+                "--precision",
+                args.precision,
             ]
             # Allocations of 64 KiB and more go straight to mmap, so freed activations leave the RSS
             # at once and the peak RSS tracks live memory (glibc would otherwise keep them cached).
@@ -99,7 +116,7 @@ def main() -> None:
             print(
                 f"{r['mode']:>10}  K={r['K']:<3} peak {r['peak_mib']:8.0f} MiB  "
                 f"activations {r['activations_mib']:8.0f} MiB  "
-                f"{r['s_per_step']:7.2f} s/step",
+                f"{r['s_per_step']:7.2f} s/step  {r['images_per_s']:8.1f} images/s",
                 flush=True,
             )
     by = {(r["mode"], r["K"]): r for r in rows}
@@ -112,7 +129,7 @@ def main() -> None:
     for depth in args.depths:
         ratio = by["invertible", depth]["s_per_step"] / by["standard", depth]["s_per_step"]
         print(f"time invertible / standard at K={depth}: {ratio:.2f}x")
-    print(f"(width {args.width}, batch {args.batch}, {args.device})")
+    print(f"(width {args.width}, batch {args.batch}, {args.device}, precision {args.precision})")
 
 
 if __name__ == "__main__":
