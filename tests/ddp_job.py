@@ -1,6 +1,6 @@
 """A 2-process DDP run on CPU (gloo), started by test_ddp.py: records what each rank read.
 
-Usage: python tests/ddp_job.py DATA_ROOT OUT_DIR
+Usage: python tests/ddp_job.py DATA_ROOT OUT_DIR [--compile]
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ class Recorder(L.Callback):
         self.test += batch[2].tolist()
 
 
-def main(root: str, out: str) -> None:
+def main(root: str, out: str, compile_model: bool = False) -> None:
     L.seed_everything(0)
     data = ShardDataModule(
         root=root, batch_size=16, eval_batch_size=50, num_workers=2, shuffle_buffer=16, epoch_size=640
@@ -46,6 +46,7 @@ def main(root: str, out: str) -> None:
         hidden_channels=16,
         warmup_steps=5,
         memory="invertible",
+        compile=compile_model,
     )
     recorder = Recorder()
     trainer = L.Trainer(
@@ -70,6 +71,8 @@ def main(root: str, out: str) -> None:
         "test": recorder.test,
         "test_bpd": test_bpd,
         "actnorm_bias": actnorm.bias.flatten().tolist(),
+        # Replicas stay equal only if every gradient was all-reduced.
+        "parameters": torch.cat([p.detach().flatten() for p in model.parameters()]).tolist(),
     }
     Path(out, f"rank{rank}.json").write_text(json.dumps(record))
     if rank == 0:
@@ -77,4 +80,4 @@ def main(root: str, out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(sys.argv[1], sys.argv[2], compile_model="--compile" in sys.argv[3:])
