@@ -6,6 +6,7 @@ Peak RSS comes from ``VmHWM`` rather than ``getrusage``: Linux carries ``ru_maxr
 
 from __future__ import annotations
 
+import os
 import re
 
 
@@ -31,3 +32,12 @@ def reset_peak_rss() -> None:
     """Start the peak over from the current RSS (writes ``5`` to ``/proc/self/clear_refs``)."""
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
+
+
+def live_memory_env() -> dict[str, str]:
+    """Environment for a worker whose peak RSS should track live memory.
+
+    Allocations of 64 KiB and more go straight to mmap, so freed activations leave the RSS at once;
+    glibc would otherwise keep them cached and serve later steps from that cache.
+    """
+    return {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}

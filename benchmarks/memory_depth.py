@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
 
-from memory import current_rss_mib, peak_rss_mib
+from memory import current_rss_mib, live_memory_env, peak_rss_mib
 
 
 def measure(mode: str, depth: int, width: int, batch: int, steps: int, device: str, precision: str) -> dict:
@@ -107,10 +106,7 @@ def main() -> None:
                 "--precision",
                 args.precision,
             ]
-            # Allocations of 64 KiB and more go straight to mmap, so freed activations leave the RSS
-            # at once and the peak RSS tracks live memory (glibc would otherwise keep them cached).
-            env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-            out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=live_memory_env()).stdout
             rows.append(json.loads(out.strip().splitlines()[-1]))
             r = rows[-1]
             print(

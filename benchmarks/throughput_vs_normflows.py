@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
 
 import torch
-from memory import current_rss_mib, peak_rss_mib, reset_peak_rss
+from memory import current_rss_mib, live_memory_env, peak_rss_mib, reset_peak_rss
 from timing import timed
 
 SHAPE, LEVELS, STEPS, WIDTH = (3, 32, 32), 3, 8, 128
@@ -190,11 +189,7 @@ def main() -> None:
             args.memory_format,
             *(["--compile"] if args.compile else []),
         ]
-        # Allocations of 64 KiB and more go straight to mmap, so freed activations leave the RSS at
-        # once and peak RSS tracks live memory; glibc would otherwise serve the step from memory it
-        # cached during the first step, and the RSS growth would measure its reuse, not the step.
-        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=live_memory_env()).stdout
         peak[k] = json.loads(out.strip().splitlines()[-1])
 
     def rate(times: list[float]) -> float:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +12,7 @@ import torch
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
-from memory import current_rss_mib, peak_rss_mib, reset_peak_rss  # noqa: E402
+from memory import current_rss_mib, live_memory_env, peak_rss_mib, reset_peak_rss  # noqa: E402
 
 
 def test_peak_rss_counts_a_new_allocation_and_restarts_on_reset() -> None:
@@ -31,8 +30,9 @@ def test_step_peak_of_a_worker_ignores_its_parents_memory() -> None:
     # report at least this process's RSS. VmHWM is the worker's own.
     ballast = torch.ones(128 * 2**20)  # 512 MiB held by the parent while the worker runs
     cmd = [sys.executable, str(BENCHMARKS / "throughput_vs_normflows.py"), "--memory-worker", "glowlab"]
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-    out = subprocess.run([*cmd, "--width", "8", "--batch", "2"], check=True, capture_output=True, text=True, env=env)
+    out = subprocess.run(
+        [*cmd, "--width", "8", "--batch", "2"], check=True, capture_output=True, text=True, env=live_memory_env()
+    )
     step_peak = json.loads(out.stdout.strip().splitlines()[-1])
     assert 0 < step_peak < 100, step_peak
     assert ballast.sum() > 0

@@ -135,17 +135,13 @@ class Glow(nn.Module):
     ) -> None:
         super().__init__()
         check_option("memory_format", memory_format, MEMORY_FORMATS)
+        check_option("step", step, STEPS)
+        check_option("memory", memory, MEMORY_MODES)
+        check_option("coupling", coupling, COUPLINGS)
+        check_option("permutation", permutation, PERMUTATIONS)
         self.memory_format = memory_format
-        if step not in STEPS:
-            raise ValueError(f"step={step!r} is not one of {', '.join(map(repr, STEPS))}")
         self.step = step
-        if memory not in MEMORY_MODES:
-            raise ValueError(f"memory={memory!r} is not one of {', '.join(map(repr, MEMORY_MODES))}")
         self.memory = memory
-        if coupling not in COUPLINGS:
-            raise ValueError(f"coupling={coupling!r} is not one of {', '.join(map(repr, COUPLINGS))}")
-        if permutation not in PERMUTATIONS:
-            raise ValueError(f"permutation={permutation!r} is not one of {', '.join(map(repr, PERMUTATIONS))}")
         c, h, w = (int(v) for v in image_shape)
         if levels < 1 or steps < 1:
             raise ValueError(f"levels and steps must be >= 1, got levels={levels}, steps={steps}")
