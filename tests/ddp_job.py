@@ -1,6 +1,6 @@
 """A 2-process DDP run on CPU (gloo), started by test_ddp.py: records what each rank read.
 
-Usage: python tests/ddp_job.py DATA_ROOT OUT_DIR [--compile]
+Usage: python tests/ddp_job.py DATA_ROOT OUT_DIR [--compile] [--cuda-graphs]
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ class Recorder(L.Callback):
         self.test += batch[2].tolist()
 
 
-def main(root: str, out: str, compile_model: bool = False) -> None:
+def main(root: str, out: str, compile_model: bool = False, cuda_graphs: bool = False) -> None:
     L.seed_everything(0)
     data = ShardDataModule(
         root=root, batch_size=16, eval_batch_size=50, num_workers=2, shuffle_buffer=16, epoch_size=640
@@ -47,7 +47,9 @@ def main(root: str, out: str, compile_model: bool = False) -> None:
         warmup_steps=5,
         memory="invertible",
         compile=compile_model,
+        cuda_graphs=cuda_graphs,
     )
+    model.capture_backend = "emulated"  # a capture would be possible on this CPU: DDP must refuse it
     recorder = Recorder()
     trainer = L.Trainer(
         accelerator="cpu",
@@ -73,6 +75,8 @@ def main(root: str, out: str, compile_model: bool = False) -> None:
         "actnorm_bias": actnorm.bias.flatten().tolist(),
         # Replicas stay equal only if every gradient was all-reduced.
         "parameters": torch.cat([p.detach().flatten() for p in model.parameters()]).tolist(),
+        "messages": sorted(model._said),
+        "captured": model._graph is not None,
     }
     Path(out, f"rank{rank}.json").write_text(json.dumps(record))
     if rank == 0:
@@ -80,4 +84,6 @@ def main(root: str, out: str, compile_model: bool = False) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], compile_model="--compile" in sys.argv[3:])
+    main(
+        sys.argv[1], sys.argv[2], compile_model="--compile" in sys.argv[3:], cuda_graphs="--cuda-graphs" in sys.argv[3:]
+    )

@@ -1,4 +1,4 @@
-"""The benchmark scripts' measuring code: peak-RSS readings and small runs of the memory scripts."""
+"""The benchmark scripts' measuring code: peak-RSS readings, small runs of the scripts, adapters."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -29,9 +30,13 @@ def test_step_peak_of_a_worker_ignores_its_parents_memory() -> None:
     # getrusage's ru_maxrss survives exec: a worker started from this (now large) process would
     # report at least this process's RSS. VmHWM is the worker's own.
     ballast = torch.ones(128 * 2**20)  # 512 MiB held by the parent while the worker runs
-    cmd = [sys.executable, str(BENCHMARKS / "throughput_vs_normflows.py"), "--memory-worker", "glowlab"]
+    cmd = [sys.executable, str(BENCHMARKS / "glow_step.py"), "--memory-worker", "glowlab"]
     out = subprocess.run(
-        [*cmd, "--width", "8", "--batch", "2"], check=True, capture_output=True, text=True, env=live_memory_env()
+        [*cmd, "--hidden-channels", "8", "--batch", "64"],
+        check=True,
+        capture_output=True,
+        text=True,
+        env=live_memory_env(),
     )
     step_peak = json.loads(out.stdout.strip().splitlines()[-1])
     assert 0 < step_peak < 100, step_peak
@@ -47,3 +52,64 @@ def test_memory_depth_prints_rows_and_ratios() -> None:
     assert len(rows) == 4 and all("images/s" in row for row in rows)
     assert "invertible  K=2 / K=1: peak" in out and "time invertible / standard at K=2:" in out
     assert "precision bf16" in out
+
+
+# A stand-in for rosinality/glow-pytorch's model.py with the interface its adapter uses: the
+# coupling width is AffineCoupling's default filter_size, and forward returns (log_p, logdet, z).
+STAND_IN = """
+import torch
+from glowlab.models import Glow as _Glow
+
+class AffineCoupling(torch.nn.Module):
+    def __init__(self, in_channel, filter_size=512, affine=True):
+        super().__init__()
+        self.filter_size = filter_size
+
+class Glow(torch.nn.Module):
+    def __init__(self, in_channel, n_flow, n_block, affine=True, conv_lu=True):
+        super().__init__()
+        width = AffineCoupling(in_channel).filter_size
+        self.inner = _Glow((in_channel, 32, 32), levels=n_block, steps=n_flow, hidden_channels=width)
+
+    def forward(self, x):
+        out = self.inner.evaluate(x)
+        return out.log_prob - out.logdet, out.logdet, out.zs
+"""
+
+
+def test_glow_step_runs_glowlab_and_adapters(tmp_path, monkeypatch) -> None:
+    (tmp_path / "model.py").write_text(STAND_IN)
+    monkeypatch.setenv("GLOW_PYTORCH_DIR", str(tmp_path))
+    sys.path.insert(0, str(BENCHMARKS))
+    import glow_step
+
+    adapters = BENCHMARKS / "adapters"
+    impls = ["glowlab", "glowlab:compile", str(adapters / "normflows_glow.py"), str(adapters / "rosinality_glow.py")]
+    out = tmp_path / "results.json"
+    args = ["--impl", *impls, "--hidden-channels", "8", "--steps", "2", "--batch", "4", "--pairs", "2"]
+    results = glow_step.main([*args, "--no-memory", "--peak-tflops", "1", "--json", str(out)])
+    assert set(results) == {"glowlab", "glowlab:compile", "normflows_glow", "rosinality_glow"}
+    for name, row in results.items():
+        assert row["img_s"] > 0 and row["gflop_step"] > 0 and 0 < row["mfu"] < 1, name
+    assert results["rosinality_glow"]["params_m"] == pytest.approx(results["glowlab"]["params_m"])
+    assert results["glowlab"]["operators"]["syncs"] == 0 and results["glowlab:compile"]["operators"] is None
+    assert json.loads(out.read_text())["results"]["glowlab"]["ms_step"] > 0
+    with pytest.raises(SystemExit, match="CUDA graphs need --device cuda"):
+        glow_step.main(["--impl", "glowlab:graphs"])
+    monkeypatch.setenv("GLOW_PYTORCH_DIR", str(tmp_path / "missing"))
+    with pytest.raises(FileNotFoundError, match="GLOW_PYTORCH_DIR"):
+        glow_step.main(["--impl", str(adapters / "rosinality_glow.py"), "--no-memory"])
+
+
+def test_main_job_reports_its_wall_time_and_test_bpd(tmp_path) -> None:
+    out = tmp_path / "main.json"
+    cmd = [sys.executable, str(BENCHMARKS / "main_job.py"), "--no-wandb", "--json", str(out)]
+    printed = subprocess.run(
+        [*cmd, "--trainer.max_steps", "10", "--trainer.check_val_every_n_epoch", "1"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    row = json.loads(out.read_text())["eager"]
+    assert 0 < row["fit_s"] < row["wall_s"] and 2.0 < row["test_bpd"] < 6.0
+    assert f"test bits/dim {row['test_bpd']:.4f}" in printed

@@ -55,9 +55,11 @@ def test_actnorm_initialisation_is_identical_on_every_rank(ddp_run) -> None:
     assert ranks[0]["parameters"] == ranks[1]["parameters"]
 
 
-def test_compiled_model_keeps_replicas_equal(ddp_run, tmp_path) -> None:
+def test_compiled_model_keeps_replicas_equal_and_refuses_cuda_graphs(ddp_run, tmp_path) -> None:
     root, _, eager = ddp_run
-    ranks = run_ddp_job(root, tmp_path, "--compile")
+    ranks = run_ddp_job(root, tmp_path, "--compile", "--cuda-graphs")
+    assert not ranks[0]["captured"] and not ranks[1]["captured"]
+    assert any("2 processes: DDP reduces gradients from backward hooks" in m for m in ranks[0]["messages"])
     assert ranks[0]["parameters"] == ranks[1]["parameters"]
     assert ranks[0]["test_bpd"] == ranks[1]["test_bpd"]
     # The same run as the eager one up to float rounding (Adamax amplifies it in tiny gradients).

@@ -17,7 +17,10 @@ class ActNorm(Flow):
     statistics are reduced over all ranks first, so every rank starts from identical parameters.
     A channel whose standard deviation is (near) zero is only centred: dividing by ~0 would blow up
     the activations and the log-determinant. The ``initialized`` flag is a buffer, so it travels
-    with ``state_dict`` and a loaded model is never re-initialised.
+    with ``state_dict`` and a loaded model is never re-initialised. ``is_initialized`` mirrors it as
+    a plain Python bool (set by :meth:`initialize` and by ``load_state_dict``), so the forward pass
+    never reads the buffer: on a GPU that read would be a device-to-host synchronisation every
+    step, and for ``torch.compile`` a graph break.
 
     References: Kingma & Dhariwal, "Glow: Generative Flow with Invertible 1x1 Convolutions", 2018.
     """
@@ -29,6 +32,7 @@ class ActNorm(Flow):
         self.bias = nn.Parameter(torch.zeros(1, num_channels, 1, 1))
         self.logs = nn.Parameter(torch.zeros(1, num_channels, 1, 1))
         self.register_buffer("initialized", torch.tensor(False))
+        self.is_initialized = False
 
     @torch.no_grad()
     def initialize(self, x: Tensor) -> None:
@@ -51,9 +55,16 @@ class ActNorm(Flow):
         self.bias.copy_((-mean).view_as(self.bias))
         self.logs.copy_((-std.log()).view_as(self.logs))
         self.initialized.fill_(True)
+        self.is_initialized = True
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        flag = state_dict.get(prefix + "initialized")
+        if flag is not None:
+            self.is_initialized = bool(flag)  # read once at load time, never in forward
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        if self.training and not self.initialized:
+        if self.training and not self.is_initialized:
             self.initialize(x)
         y = (x + self.bias) * self.logs.exp()
         logdet = constant_logdet(x.shape[2] * x.shape[3] * self.logs.sum(), x)

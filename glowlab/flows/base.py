@@ -51,20 +51,26 @@ class FlowSequence(Flow):
         return chain_inverse(self.layers, y)
 
     def inverse_with_logdet(self, y: Tensor) -> tuple[Tensor, Tensor]:
-        logdet = y.new_zeros(y.shape[0], dtype=_accumulation_dtype(y.dtype))
+        logdet = None
         for layer in reversed(self.layers):
             y, ld = layer.inverse_with_logdet(y)
-            logdet = logdet + ld
-        return y, logdet
+            logdet = ld if logdet is None else logdet + ld
+        return y, _zero_if_none(logdet, y)
 
 
 def chain_forward(layers: Iterable[Flow], x: Tensor) -> tuple[Tensor, Tensor]:
     """``layers`` applied in order, log-determinants summed (in at least float32)."""
-    logdet = x.new_zeros(x.shape[0], dtype=_accumulation_dtype(x.dtype))
+    # Every layer's log-determinant is already (B,) in at least float32 (the contract), so the sum
+    # starts from the first one rather than from a tensor of zeros: one operator less per layer.
+    logdet = None
     for layer in layers:
         x, ld = layer(x)
-        logdet = logdet + ld
-    return x, logdet
+        logdet = ld if logdet is None else logdet + ld
+    return x, _zero_if_none(logdet, x)
+
+
+def _zero_if_none(logdet: Tensor | None, x: Tensor) -> Tensor:
+    return x.new_zeros(x.shape[0], dtype=_accumulation_dtype(x.dtype)) if logdet is None else logdet
 
 
 def chain_inverse(layers: Sequence[Flow], y: Tensor) -> Tensor:
@@ -74,9 +80,20 @@ def chain_inverse(layers: Sequence[Flow], y: Tensor) -> Tensor:
     return y
 
 
+# Log-determinants and log-densities are sums over many terms: never accumulate them in 16 bits.
+# A table rather than torch.promote_types, which is a dispatched operator: the training step asks
+# this about a hundred times.
+_ACCUMULATION_DTYPES = {
+    torch.float16: torch.float32,
+    torch.bfloat16: torch.float32,
+    torch.float32: torch.float32,
+    torch.float64: torch.float64,
+}
+
+
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    # Log-determinants and log-densities are sums over many terms: never accumulate them in 16 bits.
-    return torch.promote_types(dtype, torch.float32)
+    found = _ACCUMULATION_DTYPES.get(dtype)
+    return found if found is not None else torch.promote_types(dtype, torch.float32)
 
 
 def check_option(name: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -87,7 +104,11 @@ def check_option(name: str, value: str, allowed: tuple[str, ...]) -> None:
 
 def sum_except_batch(x: Tensor) -> Tensor:
     """Sum over every dimension but the first: a per-example total of shape ``(B,)``, in >= float32."""
-    return x.reshape(x.shape[0], -1).sum(dim=1, dtype=_accumulation_dtype(x.dtype))  # (B, D) -> (B,)
+    # Summing over the dimensions in place, not over a (B, D) reshape: the reshape of a channels-last
+    # tensor would be a copy.
+    if x.dim() == 1:  # already one value per example (sum over no dimension would sum them all)
+        return x.to(_accumulation_dtype(x.dtype))
+    return x.sum(dim=tuple(range(1, x.dim())), dtype=_accumulation_dtype(x.dtype))
 
 
 def constant_logdet(value: Tensor, x: Tensor) -> Tensor:
@@ -98,4 +119,5 @@ def constant_logdet(value: Tensor, x: Tensor) -> Tensor:
 def standard_normal_log_prob(z: Tensor) -> Tensor:
     """Log-density of ``z`` under N(0, I), summed per example: shape ``(B,)``."""
     z = z.to(_accumulation_dtype(z.dtype))
-    return sum_except_batch(-0.5 * (z * z + math.log(2 * math.pi)))
+    # The constant is added per example, after the sum: one full-size operator less.
+    return sum_except_batch(z * z) * -0.5 - 0.5 * math.log(2 * math.pi) * math.prod(z.shape[1:])

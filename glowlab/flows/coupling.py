@@ -11,19 +11,38 @@ from glowlab.flows.nn import ZeroConv2d
 COUPLINGS = ("affine", "additive")
 
 
-def coupling_net(in_channels: int, hidden_channels: int, out_channels: int) -> nn.Sequential:
+def coupling_net(
+    in_channels: int, hidden_channels: int, out_channels: int, offset: Tensor | None = None, halves: bool = False
+) -> nn.Sequential:
     """Glow's coupling network: 3x3 conv, ReLU, 1x1 conv, ReLU, zero-initialised 3x3 conv.
 
     The zero-initialised output makes every coupling start as the identity, which is what lets
-    deep Glow models train from the first step.
+    deep Glow models train from the first step. ``offset`` and ``halves`` go to the last layer
+    (see :class:`ZeroConv2d`).
     """
     return nn.Sequential(
         nn.Conv2d(in_channels, hidden_channels, 3, padding=1),
         nn.ReLU(),
         nn.Conv2d(hidden_channels, hidden_channels, 1),
         nn.ReLU(),
-        ZeroConv2d(hidden_channels, out_channels),
+        ZeroConv2d(hidden_channels, out_channels, offset, halves),
     )
+
+
+def affine_net(in_channels: int, hidden_channels: int, transformed: int) -> nn.Sequential:
+    """A coupling network whose output is ``[shift | pre-scale]`` for ``transformed`` channels.
+
+    The parameters keep the reference implementation's interleaved layout (even = shift, odd =
+    scale); the output comes in halves with the ``+ 2`` of ``sigmoid(h + 2)`` already added.
+    """
+    offset = torch.cat([torch.zeros(transformed), torch.full((transformed,), 2.0)])
+    return coupling_net(in_channels, hidden_channels, 2 * transformed, offset, halves=True)
+
+
+def shift_and_scale(h: Tensor) -> tuple[Tensor, Tensor]:
+    """An :func:`affine_net` output ``[shift | pre-scale]`` as ``(shift, sigmoid(pre-scale))``."""
+    shift, pre = h.chunk(2, dim=1)
+    return shift, torch.sigmoid(pre)
 
 
 class AffineCoupling(Flow):
@@ -38,23 +57,18 @@ class AffineCoupling(Flow):
     def __init__(self, num_channels: int, hidden_channels: int) -> None:
         super().__init__()
         self.split = num_channels // 2
-        self.net = coupling_net(self.split, hidden_channels, 2 * (num_channels - self.split))
-
-    def _shift_scale(self, x_a: Tensor) -> tuple[Tensor, Tensor]:
-        h = self.net(x_a)
-        # Interleaved channels, as in the reference implementation: even = shift, odd = scale.
-        return h[:, 0::2], torch.sigmoid(h[:, 1::2] + 2.0)
+        self.net = affine_net(self.split, hidden_channels, num_channels - self.split)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        x_a, x_b = x[:, : self.split], x[:, self.split :]
-        shift, scale = self._shift_scale(x_a)
+        x_a, x_b = x.split([self.split, x.shape[1] - self.split], dim=1)
+        shift, scale = shift_and_scale(self.net(x_a))
         # One saved tensor (scale) serves the sigmoid, the product and the log: less activation memory.
         y_b = (x_b + shift) * scale
         return torch.cat([x_a, y_b], dim=1), sum_except_batch(torch.log(scale))
 
     def inverse(self, y: Tensor) -> Tensor:
-        y_a, y_b = y[:, : self.split], y[:, self.split :]
-        shift, scale = self._shift_scale(y_a)
+        y_a, y_b = y.split([self.split, y.shape[1] - self.split], dim=1)
+        shift, scale = shift_and_scale(self.net(y_a))
         return torch.cat([y_a, y_b / scale - shift], dim=1)
 
 
@@ -70,11 +84,11 @@ class AdditiveCoupling(Flow):
         self.net = coupling_net(self.split, hidden_channels, num_channels - self.split)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        x_a, x_b = x[:, : self.split], x[:, self.split :]
+        x_a, x_b = x.split([self.split, x.shape[1] - self.split], dim=1)
         return torch.cat([x_a, x_b + self.net(x_a)], dim=1), x.new_zeros(x.shape[0])
 
     def inverse(self, y: Tensor) -> Tensor:
-        y_a, y_b = y[:, : self.split], y[:, self.split :]
+        y_a, y_b = y.split([self.split, y.shape[1] - self.split], dim=1)
         return torch.cat([y_a, y_b - self.net(y_a)], dim=1)
 
 
@@ -95,7 +109,7 @@ class CheckerboardCoupling(Flow):
             raise ValueError(f"parity must be 0 or 1, got {parity}")
         self.parity = parity
         # The mask goes in as an extra channel so the net knows which pixels it may use.
-        self.net = coupling_net(num_channels + 1, hidden_channels, 2 * num_channels)
+        self.net = affine_net(num_channels + 1, hidden_channels, num_channels)
 
     def _mask(self, x: Tensor) -> Tensor:
         h, w = x.shape[2], x.shape[3]
@@ -109,8 +123,7 @@ class CheckerboardCoupling(Flow):
             # cat falls back to NCHW because the broadcast mask has no channels-last strides; the
             # convolutions run faster on the channels-last copy than on NCHW.
             inputs = inputs.contiguous(memory_format=torch.channels_last)
-        h = self.net(inputs)
-        return h[:, 0::2], torch.sigmoid(h[:, 1::2] + 2.0)
+        return shift_and_scale(self.net(inputs))
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         mask = self._mask(x)

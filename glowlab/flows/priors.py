@@ -10,11 +10,10 @@ makes the whole model's base density a plain standard normal; sampling at temper
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from glowlab.flows.base import Flow, sum_except_batch
-from glowlab.flows.nn import ZeroConv2d
+from glowlab.flows.base import Flow, _accumulation_dtype, sum_except_batch
+from glowlab.flows.nn import ZeroConv2d, interleaved_halves
 
 
 class Split(Flow):
@@ -31,15 +30,15 @@ class Split(Flow):
     def __init__(self, num_channels: int) -> None:
         super().__init__()
         self.keep = num_channels // 2
-        self.prior = ZeroConv2d(self.keep, 2 * (num_channels - self.keep))
+        # Output [mean | log-scale] (parameters interleaved, as in the reference implementation).
+        self.prior = ZeroConv2d(self.keep, 2 * (num_channels - self.keep), halves=True)
 
     def chunk(self, y: Tensor) -> tuple[Tensor, Tensor]:
         """``(kept, factored)`` halves of a forward output."""
         return y[:, : self.keep], y[:, self.keep :]
 
     def _mean_logs(self, h: Tensor) -> tuple[Tensor, Tensor]:
-        p = self.prior(h)
-        return p[:, 0::2], p[:, 1::2]
+        return self.prior(h).chunk(2, dim=1)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         h, z = self.chunk(x)
@@ -72,21 +71,33 @@ class TopPrior(Flow):
             nn.init.zeros_(self.class_embedding.weight)
             nn.init.zeros_(self.class_embedding.bias)
 
-    def _mean_logs(self, x: Tensor, labels: Tensor | None) -> tuple[Tensor, Tensor]:
-        p = x.new_zeros(x.shape[0], 2 * x.shape[1], x.shape[2], x.shape[3])  # (B, 2C, H, W)
-        if self.params is not None:
-            p = p + self.params
+    def _mean_logs(self, x: Tensor, labels: Tensor | None) -> tuple[Tensor, Tensor] | None:
+        """``(mean, logs)``, broadcastable against ``x``; None for the fixed N(0, I) prior."""
+        p = self.params  # (1, 2C, H, W)
         if self.class_embedding is not None:
             if labels is None:
                 raise ValueError("this model is class-conditional (num_classes is set): pass labels y")
-            onehot = F.one_hot(labels.long(), self.num_classes).to(x.dtype)
-            p = p + self.class_embedding(onehot)[:, :, None, None]  # (B, 2C) -> (B, 2C, 1, 1)
-        return p[:, 0::2], p[:, 1::2]
+            # One-hot by comparison, not F.one_hot: one_hot checks the label range on the host (a
+            # device synchronisation), and an embedding lookup's CUDA backward synchronises too.
+            classes = torch.arange(self.num_classes, device=labels.device)
+            onehot = (labels[:, None] == classes).to(x.dtype)  # (B, num_classes)
+            offset = self.class_embedding(onehot).view(x.shape[0], -1, 1, 1)  # (B, 2C) -> (B, 2C, 1, 1)
+            # Without learn_top the offset still applies at every position: expanded (a view), so the
+            # log-determinant below sums it over H x W.
+            p = offset.expand(-1, -1, x.shape[2], x.shape[3]) if p is None else p + offset
+        return None if p is None else interleaved_halves(p)
 
     def forward(self, x: Tensor, labels: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        mean, logs = self._mean_logs(x, labels)
-        return (x - mean) * (-logs).exp(), -sum_except_batch(logs)
+        prior = self._mean_logs(x, labels)
+        if prior is None:
+            return x, x.new_zeros(x.shape[0], dtype=_accumulation_dtype(x.dtype))
+        mean, logs = prior
+        # logs is (1, ...) without labels: one log-determinant for the whole batch.
+        return (x - mean) * (-logs).exp(), -sum_except_batch(logs).expand(x.shape[0])
 
     def inverse(self, y: Tensor, labels: Tensor | None = None) -> Tensor:
-        mean, logs = self._mean_logs(y, labels)
+        prior = self._mean_logs(y, labels)
+        if prior is None:
+            return y
+        mean, logs = prior
         return y * logs.exp() + mean

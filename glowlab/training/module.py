@@ -8,22 +8,60 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
 from glowlab.flows.base import check_option
 from glowlab.likelihood import bits_per_dim
 from glowlab.models import Glow
+from glowlab.training.capture import CapturedStep
 
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamax": torch.optim.Adamax}
 
 
-def optimizer_with_warmup(module: nn.Module, hp: Any) -> dict[str, Any]:
-    """``hp.optimizer`` over the module's parameters, the learning rate rising linearly over ``hp.warmup_steps``."""
-    optimizer = OPTIMIZERS[hp.optimizer](module.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+def optimizer_with_warmup(module: nn.Module, hp: Any, loss_scaling: bool = False) -> dict[str, Any]:
+    """``hp.optimizer`` over the module's parameters, the learning rate rising linearly over ``hp.warmup_steps``.
+
+    The update runs as few operators as the optimizer allows: Adam's fused kernel (one operator for
+    all parameters), Adamax's multi-tensor ("foreach") form, rather than a loop over the hundreds of
+    parameter tensors of a Glow. The results are the same update. With ``loss_scaling`` (16-bit
+    mixed precision's gradient scaler) Adam runs multi-tensor too: a fused Adam would unscale the
+    gradients itself, after gradient clipping had seen them scaled.
+    """
+    params = list(module.parameters())
+    fused = hp.optimizer == "adam" and not loss_scaling and _fused_adam_supported(params)
+    options = {"fused": True} if fused else {"foreach": True}
+    optimizer = OPTIMIZERS[hp.optimizer](params, lr=hp.lr, weight_decay=hp.weight_decay, **options)
     warmup = max(1, hp.warmup_steps)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+def _fused_adam_supported(params: list[nn.Parameter]) -> bool:
+    # Fused Adam runs on CPU and CUDA tensors of floating dtypes (PyTorch 2.4 and later).
+    return all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in params)
+
+
+def configure_clipping(module: L.LightningModule, gradient_clip_val: float | None, algorithm: str | None) -> None:
+    """Log the gradient norm (before clipping) and clip, with one multi-tensor pass over the gradients.
+
+    Lightning's default clipping computes one norm per parameter tensor on the CPU; this computes
+    the total norm once, logs it as ``grad_norm`` and, with ``gradient_clip_val``, clips by it (or by
+    value). No value is read back on the host, so it costs a GPU step no synchronisation.
+    """
+    params = [p for p in module.parameters() if p.grad is not None]
+    if not params:
+        return
+    grads = [p.grad for p in params]
+    norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+    module.log("grad_norm", norm, on_step=True, on_epoch=False)
+    if not gradient_clip_val:
+        return
+    if algorithm == "value":
+        torch.nn.utils.clip_grad_value_(params, gradient_clip_val, foreach=True)
+    else:
+        torch.nn.utils.clip_grads_with_norm_(params, gradient_clip_val, norm, foreach=True)
 
 
 class GlowModule(L.LightningModule):
@@ -33,9 +71,21 @@ class GlowModule(L.LightningModule):
     cross-entropy in bits per image, as in the paper's code. The learning rate warms up linearly over
     ``warmup_steps`` optimizer steps. ``image_shape`` and ``n_bins`` come from the data module when
     run through the ``glowlab`` CLI; they are stored in checkpoints so a model can sample without data.
-    ``compile=True`` runs the model's encoding pass (training, validation and test) through
-    ``torch.compile``: the elementwise work between convolutions is fused, at the price of a
-    compilation per new batch shape; checkpoints are the same as without it.
+
+    The training step never waits for the device: no value is read back on the host between the
+    batch and the optimizer step. Two options take the host further out of the loop, and change
+    no result beyond float rounding; checkpoints are those of the plain model:
+
+    * ``compile=True`` compiles each flow step with ``torch.compile`` once ActNorm is initialised:
+      one graph per step shape, shared by every step of that shape (:meth:`Glow.compile_steps`), so
+      compilation takes a handful of small graphs however deep the model is.
+    * ``cuda_graphs=True`` captures the training step's forward and backward pass as one CUDA graph
+      after two eager steps, and replays it for every batch of the captured shape
+      (:class:`~glowlab.training.capture.CapturedStep`); the optimizer step, gradient clipping and
+      the learning-rate schedule run outside it as usual. Where a capture would be wrong it is not
+      made and one line says why: not on a CUDA device, more than one process (DDP reduces
+      gradients from hooks a replay does not run), gradient accumulation, 16-bit loss scaling;
+      a batch of another shape runs eagerly. Opt-in until it has been measured on a GPU.
 
     References: Kingma & Dhariwal, "Glow: Generative Flow with Invertible 1x1 Convolutions", 2018.
     """
@@ -60,6 +110,7 @@ class GlowModule(L.LightningModule):
         weight_decay: float = 0.0,
         warmup_steps: int = 1000,
         compile: bool = False,
+        cuda_graphs: bool = False,
     ) -> None:
         super().__init__()
         check_option("model.optimizer", optimizer, tuple(OPTIMIZERS))
@@ -79,13 +130,18 @@ class GlowModule(L.LightningModule):
             step=step,
             memory_format=memory_format,
         )
-        # Only the bound method is compiled, so the state_dict keys stay those of the plain model.
-        self._evaluate = torch.compile(self.model.evaluate) if compile else self.model.evaluate
         # Evaluation averages per image over all ranks exactly (sums and counts are all-reduced).
         names = ["bpd", "class_bits", "class_acc"] if num_classes else ["bpd"]
         self.eval_metrics = nn.ModuleDict(
             {f"{stage}_{name}": MeanMetric() for stage in ("val", "test") for name in names}
         )
+        self._compiled = False
+        self._graph: CapturedStep | None = None
+        self._replayed = False  # whether this training step's gradients came from the graph
+        self._eager_steps = 0
+        self._said: set[str] = set()
+        # "emulated" replays run the step eagerly into the graph's tensors: the CPU tests use it.
+        self.capture_backend = "cuda"
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
@@ -97,43 +153,120 @@ class GlowModule(L.LightningModule):
             if found > num_classes:
                 raise ValueError(f"model.num_classes={num_classes} but the data has labels up to {found - 1}")
 
-    def _step(self, batch: tuple[Tensor, ...], stage: str) -> Tensor:
-        x, y = batch[0], batch[1]
-        conditional = self.model.num_classes is not None
-        out = self._evaluate(x, y if conditional else None)
+    def losses(self, x: Tensor, y: Tensor | None) -> tuple[Tensor, dict[str, Tensor]]:
+        """The training loss of a batch and the per-image values (bits/dim, class bits) it is made of.
+
+        Pure tensor work, with no value read back on the host: what a captured step records.
+        """
+        out = self.model.evaluate(x, y)
         values = {"bpd": bits_per_dim(out.log_prob, self.model.num_dims, self.hparams.n_bins)}
+        loss = values["bpd"].mean()
         if out.class_logits is not None:
             values["class_bits"] = F.cross_entropy(out.class_logits, y, reduction="none") / math.log(2.0)  # per image
-            values["class_acc"] = (out.class_logits.argmax(dim=1) == y).float()
-        loss = values["bpd"].mean()
-        if "class_bits" in values:
+            values["class_acc"] = (out.class_logits.argmax(dim=1) == y).to(values["bpd"].dtype)
             loss = loss + self.hparams.class_weight * values["class_bits"].mean()
-        for name, value in values.items():
-            if stage == "train":
-                self.log(
-                    f"train_{name}",
-                    value.mean(),
-                    on_step=True,
-                    on_epoch=True,
-                    batch_size=x.shape[0],
-                    prog_bar=name == "bpd",
-                )
-            else:
-                metric = self.eval_metrics[f"{stage}_{name}"]
-                metric.update(value)
-                self.log(f"{stage}_{name}", metric, on_step=False, on_epoch=True, prog_bar=name == "bpd")
-        return loss
+        return loss, values
+
+    def _inputs(self, batch: tuple[Tensor, ...]) -> tuple[Tensor, Tensor | None]:
+        return batch[0], batch[1] if self.model.num_classes is not None else None
+
+    def _compile_once_initialised(self) -> None:
+        if self.hparams.compile and not self._compiled and self.model.initialized:
+            self.model.compile_steps()
+            self._compiled = True
 
     def training_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> Tensor:
-        loss = self._step(batch, "train")
+        x, y = self._inputs(batch)
+        self._compile_once_initialised()
+        graph = self._training_graph(x, y)
+        self._replayed = graph is not None
+        loss, values = graph.replay(x, y) if graph is not None else self.losses(x, y)
+        for name, value in values.items():
+            self.log(
+                f"train_{name}",
+                value.mean(),
+                on_step=True,
+                on_epoch=True,
+                batch_size=x.shape[0],
+                prog_bar=name == "bpd",
+            )
         self.log("train_loss", loss, on_step=True, on_epoch=False)
         return loss
 
+    def backward(self, loss: Tensor, *args: Any, **kwargs: Any) -> None:
+        if self._replayed:
+            return  # the replayed graph has already run this batch's backward pass
+        super().backward(loss, *args, **kwargs)
+
+    def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer: torch.optim.Optimizer) -> None:
+        # Lightning zeroes gradients after training_step; a replay has just written this batch's.
+        if not self._replayed:
+            optimizer.zero_grad(set_to_none=True)
+
+    def _training_graph(self, x: Tensor, y: Tensor | None) -> CapturedStep | None:
+        """The captured step to replay for this batch, capturing it when it is time; None: run eagerly."""
+        if not self.hparams.cuda_graphs:
+            return None
+        if self._graph is not None:
+            if self._graph.matches(x, y):
+                return self._graph
+            self._say(
+                f"a batch of shape {tuple(x.shape)} runs eagerly (the CUDA graph was captured for "
+                f"{tuple(self._graph.static_x.shape)})"
+            )
+            return None
+        reason = self._why_not_capture(x)
+        if reason is not None:
+            self._say(f"cuda_graphs: training runs eagerly: {reason}")
+            return None
+        if not self.model.initialized or self._eager_steps < 2:
+            self._eager_steps += 1  # ActNorm's initialisation, compilation and autotuning happen eagerly
+            return None
+        self._graph = CapturedStep(self.losses, list(self.parameters()), x, y, backend=self.capture_backend)
+        self._say(
+            f"cuda_graphs: training step captured for batches of shape {tuple(x.shape)} "
+            f"in {self._graph.capture_seconds:.1f} s"
+        )
+        return self._graph
+
+    def _why_not_capture(self, x: Tensor) -> str | None:
+        trainer = self.trainer
+        if self.capture_backend == "cuda" and x.device.type != "cuda":
+            return f"it needs a CUDA device and this run is on {x.device.type}"
+        if trainer.world_size > 1:
+            return (
+                f"{trainer.world_size} processes: DDP reduces gradients from backward hooks, which a replayed "
+                "graph does not run"
+            )
+        if trainer.accumulate_grad_batches > 1:
+            return (
+                f"accumulate_grad_batches={trainer.accumulate_grad_batches}: a replay computes one "
+                "micro-batch's gradients, not their sum"
+            )
+        if getattr(trainer.precision_plugin, "scaler", None) is not None:
+            return f"precision {trainer.precision} scales the loss outside the graph (use bf16-mixed or 32-true)"
+        return None
+
+    def _say(self, message: str) -> None:
+        """Print ``message`` once per run (rank 0)."""
+        if message not in self._said:
+            self._said.add(message)
+            rank_zero_info(f"glowlab: {message}")
+
+    def _eval_step(self, batch: tuple[Tensor, ...], stage: str) -> None:
+        x, y = self._inputs(batch)
+        self._compile_once_initialised()
+        _, values = self.losses(x, y)
+        for name, value in values.items():
+            metric = self.eval_metrics[f"{stage}_{name}"]
+            metric.update(value)
+            self.log(f"{stage}_{name}", metric, on_step=False, on_epoch=True, prog_bar=name == "bpd")
+
     def validation_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> None:
-        self._step(batch, "val")
+        self._eval_step(batch, "val")
 
     def test_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> None:
-        self._step(batch, "test")
+        self._eval_step(batch, "test")
 
     def _log_skipped(self) -> None:
         skipped = getattr(self.trainer.datamodule, "skipped_samples", None) if self._trainer is not None else None
@@ -149,12 +282,14 @@ class GlowModule(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._log_skipped()
 
-    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        # Called before the trainer clips, so this is the raw norm: spikes show here first.
-        grads = [p.grad for p in self.parameters() if p.grad is not None]
-        if grads:
-            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
-            self.log("grad_norm", norm, on_step=True, on_epoch=False)
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        configure_clipping(self, gradient_clip_val, gradient_clip_algorithm)
 
     def configure_optimizers(self) -> Any:
-        return optimizer_with_warmup(self, self.hparams)
+        scaler = self._trainer is not None and getattr(self.trainer.precision_plugin, "scaler", None) is not None
+        return optimizer_with_warmup(self, self.hparams, loss_scaling=scaler)

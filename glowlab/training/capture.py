@@ -1,0 +1,133 @@
+"""A training step's forward and backward pass captured once as a CUDA graph and replayed.
+
+An eager training step costs the host a few microseconds per dispatched operator, thousands of
+them per step, whatever the batch size; a small model on a fast GPU then waits on the host. A
+CUDA graph records the kernels of one forward and backward pass once; each later step copies its
+batch into the graph's input tensors and launches the whole pass with one call. The optimizer
+step stays outside the graph (a fused or multi-tensor update, a handful of launches), so the
+learning-rate schedule, gradient clipping and Lightning's bookkeeping run as they always do.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+# fn(x, y) -> (loss, per-image values): the differentiable part of a training step.
+LossFunction = Callable[[Tensor, Tensor | None], tuple[Tensor, dict[str, Tensor]]]
+BACKENDS = ("cuda", "emulated")
+
+
+class CapturedStep:
+    """``loss, values = fn(x, y)`` and ``loss.backward()``, captured for inputs of one shape.
+
+    After :meth:`replay` the parameters' ``.grad`` hold the batch's gradients (never accumulated
+    into earlier ones) and the returned loss and values are this batch's. ``fn`` must not
+    synchronise with the host (no ``.item()``, no Python branching on tensor values) and must run
+    the same kernels for every batch of the captured shape. ``warmup`` eager passes on a side stream
+    come first, as CUDA graph capture needs (cuDNN's algorithm search, the allocator's pools);
+    they change no parameter.
+
+    ``backend="emulated"`` runs ``fn`` eagerly at every replay but keeps the graph's bookkeeping
+    (static input, output and gradient tensors): it tests the wiring around a capture on a machine
+    without a GPU, and is what the CPU test suite runs.
+
+    References: NVIDIA, "CUDA Graphs" (CUDA C++ Programming Guide); PyTorch, torch.cuda.graphs, 2021.
+    """
+
+    def __init__(
+        self,
+        fn: LossFunction,
+        params: Sequence[nn.Parameter],
+        x: Tensor,
+        y: Tensor | None,
+        backend: str = "cuda",
+        warmup: int = 2,
+    ) -> None:
+        if backend not in BACKENDS:
+            raise ValueError(f"backend={backend!r} is not one of {', '.join(map(repr, BACKENDS))}")
+        if backend == "cuda" and x.device.type != "cuda":
+            raise ValueError(f"a CUDA graph needs CUDA tensors, got a batch on {x.device}")
+        self.fn = fn
+        self.params = [p for p in params if p.requires_grad]
+        self.backend = backend
+        self.static_x = x.detach().clone()
+        self.static_y = None if y is None else y.detach().clone()
+        started = time.perf_counter()
+        if backend == "cuda":
+            self._capture_cuda(warmup)
+        else:
+            self._run_eagerly_into_static()
+        self.capture_seconds = time.perf_counter() - started
+
+    def matches(self, x: Tensor, y: Tensor | None) -> bool:
+        """Whether a batch fits the captured input tensors (shape, dtype, device, labels or not)."""
+
+        def same(a: Tensor | None, b: Tensor | None) -> bool:
+            if a is None or b is None:
+                return a is None and b is None
+            return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device
+
+        return same(self.static_x, x) and same(self.static_y, y)
+
+    def replay(self, x: Tensor, y: Tensor | None) -> tuple[Tensor, dict[str, Tensor]]:
+        """Run the captured pass on this batch; returns copies of its loss and per-image values."""
+        with torch.no_grad():
+            self.static_x.copy_(x)
+            if self.static_y is not None:
+                self.static_y.copy_(y)
+        if self.backend == "cuda":
+            # An eager step in between (a batch of another shape) may have replaced the gradients:
+            # the graph writes into its own, so point every parameter back at those.
+            for p, g in zip(self.params, self.grads, strict=True):
+                if p.grad is not g:
+                    p.grad = g
+            self.graph.replay()
+        else:
+            self._run_eagerly_into_static()
+        return self.loss.clone(), {k: v.clone() for k, v in self.values.items()}
+
+    def _capture_cuda(self, warmup: int) -> None:
+        for p in self.params:
+            p.grad = None
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                loss, _ = self.fn(self.static_x, self.static_y)
+                loss.backward()
+                for p in self.params:
+                    p.grad = None
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        # Autocast's cache of cast weights must be off inside a capture, or the graph would keep
+        # casts made before it; the casts are then part of the graph, which is what we want.
+        autocast = torch.is_autocast_enabled("cuda")
+        dtype = torch.get_autocast_dtype("cuda")
+        with torch.cuda.graph(self.graph), torch.autocast("cuda", dtype=dtype, enabled=autocast, cache_enabled=False):
+            self.loss, self.values = self.fn(self.static_x, self.static_y)
+            self.loss.backward()
+        # With no gradient before the capture, backward allocated these in the graph's memory pool;
+        # every replay overwrites them.
+        self.grads = [p.grad for p in self.params]
+
+    def _run_eagerly_into_static(self) -> None:
+        for p in self.params:
+            p.grad = None
+        loss, values = self.fn(self.static_x, self.static_y)
+        loss.backward()
+        with torch.no_grad():
+            if not hasattr(self, "loss"):  # the first run creates the static outputs, as a capture does
+                self.loss = loss.detach().clone()
+                self.values = {k: v.detach().clone() for k, v in values.items()}
+                self.grads = [None if p.grad is None else p.grad.detach().clone() for p in self.params]
+            self.loss.copy_(loss)
+            for k, v in values.items():
+                self.values[k].copy_(v)
+            for p, g in zip(self.params, self.grads, strict=True):
+                if g is not None:
+                    g.copy_(p.grad)
+                    p.grad = g
