@@ -95,10 +95,12 @@ def build(name: str, config: dict, device: str, lr: float) -> Implementation:
     """The implementation called ``name`` (a glowlab variant or an adapter path), on ``device``."""
     model_config = {k: config[k] for k in ("image_shape", "levels", "steps", "hidden_channels")}
     if name in GLOWLAB_VARIANTS:
+        from glowlab.models import MultiscaleConfig
         from glowlab.training import GlowModule
         from glowlab.training.module import optimizer_with_warmup
 
-        module = GlowModule(n_bins=256, optimizer="adam", lr=lr, warmup_steps=0, **model_config).to(device)
+        flow = MultiscaleConfig(n_bins=256, **model_config)
+        module = GlowModule(flow, optimizer="adam", lr=lr, warmup_steps=0).to(device)
         optimizer = optimizer_with_warmup(module, module.hparams)["optimizer"]
         return Implementation(
             name, module, lambda x: module.losses(x, None)[0], optimizer, sample=lambda n: module.model.sample(n)

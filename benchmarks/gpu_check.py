@@ -23,6 +23,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from glowlab.models import MultiscaleConfig
 from glowlab.training import GlowModule
 from glowlab.training.capture import CapturedStep
 from glowlab.training.module import configure_clipping, optimizer_with_warmup
@@ -48,7 +49,7 @@ def batch(n: int, classes: int | None, device: str) -> tuple[torch.Tensor, torch
 
 def check_sync_free() -> None:
     torch.manual_seed(0)
-    module = GlowModule(**SMALL, num_classes=10, optimizer="adam").cuda()
+    module = GlowModule(MultiscaleConfig(**SMALL, num_classes=10), optimizer="adam").cuda()
     optimizer = optimizer_with_warmup(module, module.hparams)["optimizer"]
     x, y = batch(16, 10, "cuda")
     module.losses(x, y)[0].backward()  # ActNorm's initialisation reads statistics once, before
@@ -73,7 +74,7 @@ def check_sync_free() -> None:
 def check_capture(name: str, precision: str = "32", **options) -> None:
     torch.manual_seed(0)
     classes = options.get("num_classes")
-    module = GlowModule(**{**SMALL, **options}).cuda()
+    module = GlowModule(MultiscaleConfig(**{**SMALL, **options})).cuda()
     x, y = batch(16, classes, "cuda")
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16")
     with autocast:
@@ -105,8 +106,8 @@ def check_capture(name: str, precision: str = "32", **options) -> None:
 
 def check_compile() -> None:
     torch.manual_seed(0)
-    compiled = GlowModule(**SMALL).cuda()
-    eager = GlowModule(**SMALL).cuda()
+    compiled = GlowModule(MultiscaleConfig(**SMALL)).cuda()
+    eager = GlowModule(MultiscaleConfig(**SMALL)).cuda()
     x, _ = batch(16, None, "cuda")
     compiled.model.log_prob(x)
     eager.load_state_dict(compiled.state_dict())
@@ -129,7 +130,7 @@ def check_training() -> None:
     runs = {}
     for graphs in (False, True):
         L.seed_everything(0)
-        module = GlowModule(**SMALL, lr=1e-3, warmup_steps=5, cuda_graphs=graphs)
+        module = GlowModule(MultiscaleConfig(**SMALL), lr=1e-3, warmup_steps=5, cuda_graphs=graphs)
         data = DataLoader(
             TensorDataset(torch.rand(64 * 6, *SMALL["image_shape"]) - 0.5, torch.zeros(64 * 6)), batch_size=64
         )
@@ -164,7 +165,7 @@ def main() -> None:
     check_sync_free()
     check_capture("unconditional")
     check_capture("conditional", num_classes=10)
-    check_capture("invertible backprop", memory="invertible")
+    check_capture("invertible backprop", backprop="invertible")
     check_capture("bf16 autocast", precision="bf16")
     check_compile()
     check_training()

@@ -33,7 +33,7 @@ def measure(mode: str, depth: int, width: int, batch: int, steps: int, device: s
     from glowlab.models import Glow
 
     torch.manual_seed(0)
-    model = Glow(image_shape=(3, 32, 32), levels=3, steps=depth, hidden_channels=width, memory=mode).to(device)
+    model = Glow(image_shape=(3, 32, 32), levels=3, steps=depth, hidden_channels=width, backprop=mode).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     x = torch.rand(batch, 3, 32, 32, device=device) - 0.5
 

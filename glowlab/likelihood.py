@@ -78,3 +78,10 @@ def to_unit_range(x: Tensor, n_bins: int) -> Tensor:
 def bits_per_dim(log_prob: Tensor, num_dims: int, n_bins: int) -> Tensor:
     """Bits/dim of the discrete data from the continuous ``log_prob`` (nats) on [-0.5, 0.5)^D."""
     return (-log_prob + num_dims * math.log(n_bins)) / (num_dims * math.log(2.0))
+
+
+def mean_and_stderr(values: Tensor) -> tuple[float, float]:
+    """Mean and standard error of a 1-D tensor (in float64)."""
+    values = values.double()
+    n = values.numel()
+    return float(values.mean()), float(values.std(unbiased=True) / math.sqrt(n)) if n > 1 else 0.0

@@ -1,5 +1,7 @@
 """PNG pictures of 2-D densities and samples, with numpy and Pillow only (no plotting library).
 
+Used alike by the density lab's callback and its jobs (the lab, reverse-KL fits).
+
 Orientation, shared by every function here: an image's row 0 is the top, i.e. the largest y, and
 column 0 is the smallest x, so a point (x, y) appears where it would on a paper plot.
 ``grid_points`` lists its cell centres in exactly that row-major image order, so
@@ -13,7 +15,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw, ImageFont
+
+from glowlab.models.density import FlowModel, log_densities
 
 # A dark-to-light colour map of our own: blue-black, violet, magenta, orange, pale yellow. Its
 # luminance rises monotonically between and across the anchors (linear interpolation in RGB keeps
@@ -177,3 +182,52 @@ def save_panels(
     if labels is not None:
         canvas = _with_strip(canvas, list(zip(offsets, labels, strict=True)))
     return _save(canvas, path, None)
+
+
+def plot_bound(points: np.ndarray, margin: float = 1.1) -> float:
+    """Half-width of a square window around the origin holding ``points`` (at least 1)."""
+    return max(1.0, float(np.abs(points).max()) * margin) if len(points) else 4.0
+
+
+@torch.no_grad()
+def density_panel(
+    model: FlowModel,
+    data: np.ndarray,
+    path: str | Path,
+    bound: float,
+    resolution: int = 128,
+    samples: int = 5000,
+    seed: int = 0,
+    chunk: int = 4096,
+) -> dict[str, float]:
+    """Save "data | model log-density | model samples" for a 2-D model and return the grid mass.
+
+    The returned ``mass`` is the model density summed over the plotted window, a quick check that
+    the model is normalised (close to 1 when the window holds the data).
+    """
+    if model.features != 2:
+        raise ValueError(f"density plots need 2-D data, got D={model.features}")
+    was_training = model.training
+    model.eval()
+    p = next(model.parameters())
+    points, cell_area = grid_points(bound, resolution)
+    grid = torch.as_tensor(points, dtype=p.dtype, device=p.device)
+    log_density = log_densities(model, grid, chunk).double().cpu().numpy()
+    generator = torch.Generator(device=p.device).manual_seed(seed)
+    drawn = model.sample(samples, generator=generator).double().cpu().numpy()
+    model.train(was_training)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    parts = [
+        save_scatter(data, path.with_name(path.stem + "-data.png"), bound),
+        save_heatmap(
+            log_density.reshape(resolution, resolution),
+            path.with_name(path.stem + "-logp.png"),
+            scale=max(1, 256 // resolution),  # the scatter panels' 256 pixels
+            dynamic_range=10.0,
+        ),
+        save_scatter(drawn, path.with_name(path.stem + "-samples.png"), bound),
+    ]
+    save_panels(parts, path, labels=["data", "log density", "samples"])
+    finite = np.isfinite(log_density)
+    return {"mass": float(np.exp(log_density[finite]).sum() * cell_area)}

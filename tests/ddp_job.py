@@ -11,8 +11,9 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from helpers import glow_module
 
-from glowlab.training import GlowModule, ShardDataModule
+from glowlab.training import ShardDataModule
 
 
 class Recorder(L.Callback):
@@ -38,14 +39,14 @@ def main(root: str, out: str, compile_model: bool = False, cuda_graphs: bool = F
         root=root, batch_size=16, eval_batch_size=50, num_workers=2, shuffle_buffer=16, epoch_size=640
     )
     # Invertible backprop under DDP: its ActNorm init and gradients must agree across ranks too.
-    model = GlowModule(
+    model = glow_module(
         image_shape=data.image_shape,
         n_bins=data.n_bins,
         levels=2,
         steps=2,
         hidden_channels=16,
         warmup_steps=5,
-        memory="invertible",
+        backprop="invertible",
         compile=compile_model,
         cuda_graphs=cuda_graphs,
     )

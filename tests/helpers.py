@@ -52,3 +52,13 @@ def working_directory(path: Path) -> Iterator[Path]:
         yield path
     finally:
         os.chdir(before)
+
+
+def glow_module(**options):
+    """A GlowModule from flat keyword options: the model's go into its ``flow`` config, the rest to the module."""
+    from glowlab.models import MultiscaleConfig
+    from glowlab.training import GlowModule
+
+    fields = MultiscaleConfig.__dataclass_fields__
+    flow = MultiscaleConfig(**{k: v for k, v in options.items() if k in fields})
+    return GlowModule(flow, **{k: v for k, v in options.items() if k not in fields})

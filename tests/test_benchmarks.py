@@ -69,7 +69,7 @@ class Glow(torch.nn.Module):
     def __init__(self, in_channel, n_flow, n_block, affine=True, conv_lu=True):
         super().__init__()
         width = AffineCoupling(in_channel).filter_size
-        self.inner = _Glow((in_channel, 32, 32), levels=n_block, steps=n_flow, hidden_channels=width)
+        self.inner = _Glow(image_shape=(in_channel, 32, 32), levels=n_block, steps=n_flow, hidden_channels=width)
 
     def forward(self, x):
         out = self.inner.evaluate(x)

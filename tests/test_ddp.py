@@ -12,9 +12,10 @@ import lightning as L
 import pytest
 import torch
 from datasets import prepared_digits
+from helpers import glow_module
 
 from glowlab.data import read_manifest
-from glowlab.training import GlowModule, ShardDataModule
+from glowlab.training import ShardDataModule
 
 SHARD = 50
 
@@ -74,7 +75,7 @@ def test_test_pass_covers_each_sample_exactly_once(ddp_run) -> None:
     # One process on the same weights gives the same bits/dim: the dequantization noise is seeded
     # per sample, and the mean is over images, not over per-rank means.
     data = ShardDataModule(root=str(root), eval_batch_size=64)
-    model = GlowModule(image_shape=data.image_shape, n_bins=data.n_bins, levels=2, steps=2, hidden_channels=16)
+    model = glow_module(image_shape=data.image_shape, n_bins=data.n_bins, levels=2, steps=2, hidden_channels=16)
     model.load_state_dict(torch.load(out / "model.pt", weights_only=True))
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
     single = trainer.test(model, datamodule=data, verbose=False)[0]["test_bpd"]

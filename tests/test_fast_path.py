@@ -11,14 +11,13 @@ import lightning as L
 import pytest
 import torch
 import torch._dynamo
-from helpers import perturb
+from helpers import glow_module, perturb
 from torch.utils.data import DataLoader, TensorDataset
 
 from glowlab.dispatch import OperatorCounter
 from glowlab.flows import ActNorm
 from glowlab.flows.base import FlowSequence, chain_forward
-from glowlab.models import Glow
-from glowlab.models.glow import FlowStep
+from glowlab.models import FlowStep, Glow, MultiscaleConfig
 from glowlab.training import GlowModule
 from glowlab.training.capture import CapturedStep
 from glowlab.training.module import optimizer_with_warmup
@@ -33,8 +32,8 @@ VARIANTS = {
     "additive-shuffle": dict(coupling="additive", permutation="shuffle"),
     "conditional": dict(num_classes=3),
     "conditional-fixed-top": dict(num_classes=3, learn_top=False),
-    "realnvp": dict(step="realnvp", permutation="reverse"),
-    "nice": dict(step="nice", coupling="additive", levels=1, learn_top=False),
+    "realnvp": dict(architecture="realnvp", permutation="reverse"),
+    "nice": dict(architecture="nice", coupling="additive", levels=1, learn_top=False),
 }
 
 
@@ -56,11 +55,11 @@ def test_operator_counter_sees_what_waits_for_the_device() -> None:
     assert on_host.synchronisations == 0 and on_host.total == 2
 
 
-@pytest.mark.parametrize("memory", ["standard", "invertible"])
+@pytest.mark.parametrize("backprop", ["standard", "invertible"])
 @pytest.mark.parametrize("name", list(VARIANTS))
-def test_training_step_never_waits_for_the_device(name: str, memory: str) -> None:
+def test_training_step_never_waits_for_the_device(name: str, backprop: str) -> None:
     kwargs = VARIANTS[name]
-    module = GlowModule(n_bins=17, memory=memory, **{**TINY, **kwargs})
+    module = glow_module(n_bins=17, backprop=backprop, **{**TINY, **kwargs})
     x, y = batch(kwargs)
     module.losses(x, y)[0].backward()  # ActNorm's data-dependent initialisation happens once, here
     module.zero_grad()
@@ -110,7 +109,7 @@ def test_folded_level_equals_its_layers_run_one_by_one(permutation: str) -> None
         return FlowSequence.forward(layer, h) if isinstance(layer, FlowStep) else layer(h)
 
     h, logdets = x, []
-    for layer in level.layers:
+    for layer in level.chain():  # its squeeze and steps, then its split
         h, ld = plain(layer, h)
         logdets.append(ld)
     torch.testing.assert_close(folded, h, rtol=1e-12, atol=1e-12)
@@ -142,8 +141,8 @@ def test_training_step_dispatches_fewer_operators_than_normflows() -> None:
 @pytest.mark.parametrize("name", ["adam", "adamax"])
 def test_fused_and_multi_tensor_optimizers_make_the_plain_update(name: str) -> None:
     torch.manual_seed(0)
-    fast = GlowModule(n_bins=17, optimizer=name, lr=1e-2, warmup_steps=0, **TINY).double()
-    plain = GlowModule(n_bins=17, optimizer=name, lr=1e-2, warmup_steps=0, **TINY).double()
+    fast = glow_module(n_bins=17, optimizer=name, lr=1e-2, warmup_steps=0, **TINY).double()
+    plain = glow_module(n_bins=17, optimizer=name, lr=1e-2, warmup_steps=0, **TINY).double()
     plain.load_state_dict(fast.state_dict())
     optimizers = [
         optimizer_with_warmup(fast, fast.hparams)["optimizer"],
@@ -162,7 +161,7 @@ def test_fused_and_multi_tensor_optimizers_make_the_plain_update(name: str) -> N
 
 def test_captured_step_gives_each_batch_its_own_gradients() -> None:
     torch.manual_seed(0)
-    module = GlowModule(n_bins=17, num_classes=3, **TINY).double()
+    module = glow_module(n_bins=17, num_classes=3, **TINY).double()
     x, y = batch({"num_classes": 3}, dtype=torch.float64)
     module.losses(x, y)[0].backward()
     params = list(module.parameters())
@@ -187,7 +186,7 @@ def test_captured_step_gives_each_batch_its_own_gradients() -> None:
 def _train(cuda_graphs: bool, **trainer_options) -> GlowModule:
     """A few float64 steps of a conditional Glow on 100 images in batches of 16 (the last one ragged)."""
     L.seed_everything(0)
-    module = GlowModule(n_bins=17, num_classes=3, warmup_steps=3, lr=1e-2, cuda_graphs=cuda_graphs, **TINY)
+    module = glow_module(n_bins=17, num_classes=3, warmup_steps=3, lr=1e-2, cuda_graphs=cuda_graphs, **TINY)
     module.capture_backend = "emulated"
     images = torch.rand(100, *TINY["image_shape"], dtype=torch.float64) - 0.5
     data = DataLoader(TensorDataset(images, torch.arange(100) % 3), batch_size=16)
@@ -224,7 +223,7 @@ def test_cuda_graphs_say_why_they_are_not_used(caplog) -> None:
     assert "cuda_graphs: training runs eagerly: accumulate_grad_batches=2" in caplog.text
     caplog.clear()
     L.seed_everything(0)
-    on_cpu = GlowModule(n_bins=17, cuda_graphs=True, **TINY)  # the real backend, on a CPU
+    on_cpu = glow_module(n_bins=17, cuda_graphs=True, **TINY)  # the real backend, on a CPU
     data = DataLoader(TensorDataset(torch.rand(32, *TINY["image_shape"]) - 0.5, torch.zeros(32)), batch_size=16)
     trainer = L.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_checkpointing=False)
     with caplog.at_level(logging.INFO):
@@ -245,7 +244,7 @@ def test_one_pass_clipping_clips_as_lightning_does(algorithm: str) -> None:
     modules = []
     for cls in (GlowModule, DefaultClipping):
         L.seed_everything(0)
-        module = cls(n_bins=17, lr=1e-2, warmup_steps=0, **TINY)
+        module = cls(MultiscaleConfig(n_bins=17, **TINY), lr=1e-2, warmup_steps=0)
         data = DataLoader(TensorDataset(torch.rand(64, *TINY["image_shape"], dtype=torch.float64) - 0.5), batch_size=16)
         trainer = L.Trainer(
             accelerator="cpu",

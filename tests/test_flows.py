@@ -1,28 +1,23 @@
-"""Every flow layer: exact inverse and log-determinant equal to the brute-force Jacobian."""
+"""Image flow layers beyond the contract (tests/test_contract.py): initialisation, layouts, options."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from helpers import per_example_slogdet, perturb
+from helpers import perturb
 
 from glowlab.flows import (
     ActNorm,
     AdditiveCoupling,
     AffineCoupling,
-    FlowSequence,
     InvConv1x1,
     InvConv1x1LU,
-    Reverse,
-    Shuffle,
     Split,
     Squeeze,
     TopPrior,
     make_coupling,
     make_permutation,
 )
-from glowlab.flows.coupling import CheckerboardCoupling
-from glowlab.models import FlowStep
 
 SHAPE = (3, 4, 4, 4)  # (B, C, H, W): D = 64 per example keeps the Jacobian small
 
@@ -33,83 +28,10 @@ def initialised_actnorm(c: int) -> ActNorm:
     return layer
 
 
-LAYERS = {
-    "actnorm": lambda: initialised_actnorm(4),
-    "conv1x1": lambda: InvConv1x1(4),
-    "conv1x1_lu": lambda: InvConv1x1LU(4),
-    "reverse": lambda: Reverse(4),
-    "shuffle": lambda: Shuffle(4),
-    "affine_coupling": lambda: AffineCoupling(4, 8),
-    "additive_coupling": lambda: AdditiveCoupling(4, 8),
-    "checkerboard_coupling": lambda: CheckerboardCoupling(4, 8, parity=0),
-    "checkerboard_coupling_odd": lambda: CheckerboardCoupling(5, 8, parity=1),
-    "affine_coupling_odd": lambda: AffineCoupling(5, 8),
-    "squeeze": lambda: Squeeze(),
-    "squeeze_channels_last": lambda: Squeeze("channels_last"),
-    "split": lambda: Split(4),
-    "split_odd": lambda: Split(5),
-    "top_prior": lambda: TopPrior((4, 4, 4)),
-    "flow_step": lambda: FlowStep(4, 8, "affine", "lu"),
-    "sequence": lambda: FlowSequence([Squeeze(), InvConv1x1LU(16), AffineCoupling(16, 8)]),
-}
-
-
-def make(name: str) -> torch.nn.Module:
-    layer = perturb(LAYERS[name]().double()).train()
-    if name == "flow_step":
-        layer(torch.randn(8, 4, 4, 4, dtype=torch.float64))  # ActNorm's data-dependent init
-    return layer
-
-
-def input_for(name: str) -> torch.Tensor:
-    b, c, h, w = SHAPE
-    c = 5 if name.endswith("_odd") else c
-    return torch.randn(b, c, h, w, dtype=torch.float64)
-
-
-@pytest.mark.parametrize("name", list(LAYERS))
-def test_round_trip_float64(name: str) -> None:
-    layer, x = make(name), input_for(name)
-    y, logdet = layer(x)
-    assert logdet.shape == (x.shape[0],)
-    assert (layer.inverse(y) - x).abs().max() < 1e-8
-    z = torch.randn_like(y)
-    assert (layer(layer.inverse(z))[0] - z).abs().max() < 1e-8
-
-
-@pytest.mark.parametrize("name", list(LAYERS))
-def test_logdet_matches_jacobian_forward(name: str) -> None:
-    layer, x = make(name), input_for(name)
-    _, logdet = layer(x)
-    torch.testing.assert_close(logdet, per_example_slogdet(lambda v: layer(v)[0], x), rtol=1e-9, atol=1e-9)
-
-
-@pytest.mark.parametrize("name", list(LAYERS))
-def test_logdet_matches_jacobian_inverse(name: str) -> None:
-    layer, x = make(name), input_for(name)
-    y = torch.randn_like(layer(x)[0])
-    # log|det d f^-1 / dy| at y is minus the forward log-determinant at f^-1(y).
-    expected = -layer(layer.inverse(y))[1]
-    torch.testing.assert_close(per_example_slogdet(layer.inverse, y), expected, rtol=1e-9, atol=1e-9)
-
-
-@pytest.mark.parametrize("name", list(LAYERS))
-def test_inverse_with_logdet_matches_inverse_and_jacobian(name: str) -> None:
-    layer, x = make(name), input_for(name)
-    y = torch.randn_like(layer(x)[0])
-    x_back, logdet = layer.inverse_with_logdet(y)
-    assert logdet.shape == (y.shape[0],)
-    torch.testing.assert_close(x_back, layer.inverse(y), rtol=0, atol=1e-12)
-    torch.testing.assert_close(logdet, per_example_slogdet(layer.inverse, y), rtol=1e-9, atol=1e-9)
-
-
-def test_conditional_top_prior_round_trip_and_logdet() -> None:
+def test_conditional_top_prior_depends_on_the_label_and_needs_it() -> None:
     layer = perturb(TopPrior((4, 2, 2), num_classes=3).double())
     x = torch.randn(3, 4, 2, 2, dtype=torch.float64)
     labels = torch.tensor([0, 2, 1])
-    y, logdet = layer(x, labels)
-    assert (layer.inverse(y, labels) - x).abs().max() < 1e-12
-    torch.testing.assert_close(logdet, per_example_slogdet(lambda v: layer(v, labels)[0], x))
     assert not torch.allclose(layer(x, labels)[0], layer(x, torch.tensor([1, 1, 1]))[0])
     with pytest.raises(ValueError, match="class-conditional"):
         layer(x)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -21,7 +22,7 @@ def pair(**kwargs) -> tuple[Glow, Glow]:
     standard.log_prob(torch.rand(8, *standard.image_shape, dtype=torch.float64) - 0.5, _y(8, standard))
     perturb(standard)
     invertible = copy.deepcopy(standard)
-    invertible.memory = "invertible"
+    invertible.config = dataclasses.replace(invertible.config, backprop="invertible")
     return standard, invertible
 
 
@@ -44,8 +45,8 @@ def loss_of(model: Glow, x: torch.Tensor) -> torch.Tensor:
         dict(coupling="additive", permutation="conv"),
         dict(num_classes=3),
         dict(permutation="shuffle"),
-        dict(step="realnvp", permutation="reverse"),
-        dict(step="nice", coupling="additive", levels=1, learn_top=False),
+        dict(architecture="realnvp", permutation="reverse"),
+        dict(architecture="nice", coupling="additive", levels=1, learn_top=False),
     ],
     ids=["affine-lu", "additive-conv", "conditional", "shuffle", "realnvp", "nice"],
 )
@@ -81,7 +82,7 @@ def test_actnorm_initialises_the_same_way_in_both_modes() -> None:
     torch.manual_seed(0)
     a = Glow(**TINY).double()
     b = copy.deepcopy(a)
-    b.memory = "invertible"
+    b.config = dataclasses.replace(b.config, backprop="invertible")
     x = torch.rand(8, *a.image_shape, dtype=torch.float64) - 0.5
     loss_of(a, x).backward()
     loss_of(b, x).backward()
@@ -96,7 +97,7 @@ def test_autocast_bfloat16_is_close_to_standard_and_keeps_logdet_in_float32() ->
     standard.log_prob(x)
     perturb(standard, scale=0.02)
     invertible = copy.deepcopy(standard)
-    invertible.memory = "invertible"
+    invertible.config = dataclasses.replace(invertible.config, backprop="invertible")
     grads = []
     for model in (standard, invertible):
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -109,8 +110,8 @@ def test_autocast_bfloat16_is_close_to_standard_and_keeps_logdet_in_float32() ->
 
 
 def test_bad_configurations_are_named() -> None:
-    with pytest.raises(ValueError, match="memory='low'"):
-        Glow(**TINY, memory="low")
+    with pytest.raises(ValueError, match="backprop='low'"):
+        Glow(**TINY, backprop="low")
 
     class NoInverse(Flow):
         def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,45 +11,35 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from datasets import prepared_digits, synthetic_npz
-from helpers import working_directory
+from datasets import synthetic_npz
+from helpers import glow_module
 from PIL import Image
 
+import glowlab
 from glowlab.cli import main
 from glowlab.data import PrepareOptions, load_source, prepare
 from glowlab.data.shards import read_samples
+from glowlab.images import attribute_direction, interpolate, levels_to_model, manipulate, slerp
 from glowlab.jobs.bpd import evaluate_bpd
 from glowlab.jobs.classifier import to_uint8, train_classifier
-from glowlab.jobs.common import load_glow
 from glowlab.jobs.fid import INCEPTION_FILE, fid_from_stats, inception_weights, make_metric
-from glowlab.jobs.generate import attribute_direction, interpolate, levels_to_model, manipulate, slerp
 from glowlab.models import Glow
-from glowlab.training import GlowModule, ShardDataModule
+from glowlab.training import ShardDataModule
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "digits.yaml"
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory) -> dict[str, Path]:
-    """Digits prepared and a brief training run through the CLI (the start of the end-to-end job)."""
-    root = prepared_digits(tmp_path_factory.mktemp("digits"), shard_size=400)
-    logs = tmp_path_factory.mktemp("logs")
-    args = ["fit", "--config", str(CONFIG), "--data.root", str(root), "--trainer.max_steps", "120"]
-    with working_directory(logs):
-        main([*args, "--model.steps", "4", *QUIET])
-    version = logs / "runs" / "digits" / "version_0"
-    return {"data": root, "ckpt": version / "checkpoints" / "best.ckpt", "log": version}
-
-
 def test_evaluate_bpd_agrees_with_the_logged_validation_bpd(run, tmp_path) -> None:
-    one = evaluate_bpd(str(run["ckpt"]), str(run["data"]), split="val", draws=1, out=tmp_path / "val.json")
+    one = evaluate_bpd(
+        ckpt=str(run["ckpt"]), data_root=str(run["data"]), split="val", draws=1, out=tmp_path / "val.json"
+    )
     with open(run["log"] / "metrics.csv") as f:
         logged = [float(r["val_bpd"]) for r in csv.DictReader(f) if r["val_bpd"]]
     # best.ckpt is the lowest validation point; draw 0 is the noise validation used.
     assert one["bpd"] == pytest.approx(min(logged), abs=1e-5)
     assert one["num_images"] == 180 and json.loads((tmp_path / "val.json").read_text())["bpd"] == one["bpd"]
-    four = evaluate_bpd(str(run["ckpt"]), str(run["data"]), split="val", draws=4)
+    four = evaluate_bpd(ckpt=str(run["ckpt"]), data_root=str(run["data"]), split="val", draws=4)
     assert four["bpd_per_draw"][0] == pytest.approx(one["bpd"], abs=1e-9)
     assert len(set(four["bpd_per_draw"])) == 4  # different dequantization noise per draw
     assert four["bpd"] == pytest.approx(np.mean(four["bpd_per_draw"]), abs=1e-9)
@@ -303,7 +293,7 @@ def test_end_to_end_jobs_on_digits(run, tmp_path) -> None:
 
 def test_conditional_sample_grid_by_class(run, tmp_path) -> None:
     data = ShardDataModule(root=str(run["data"]), batch_size=32)
-    module = GlowModule(image_shape=(1, 8, 8), n_bins=17, levels=2, steps=1, hidden_channels=8, num_classes=10)
+    module = glow_module(image_shape=(1, 8, 8), n_bins=17, levels=2, steps=1, hidden_channels=8, num_classes=10)
     trainer = L.Trainer(
         accelerator="cpu",
         max_steps=2,
@@ -331,7 +321,7 @@ def test_conditional_sample_grid_by_class(run, tmp_path) -> None:
         ]
     )
     assert Image.open(tmp_path / "classes.png").size == (4 * 34 + 2, 3 * 34 + 2)
-    model, n_bins = load_glow(tmp_path / "cond.ckpt", "cpu")
-    assert model.num_classes == 10 and n_bins == 17
+    model = glowlab.load(tmp_path / "cond.ckpt")
+    assert model.num_classes == 10 and model.n_bins == 17
     with pytest.raises(SystemExit):
         main(["sample", "--ckpt", str(run["ckpt"]), "--classes", "1", "--out", str(tmp_path / "x.png")])

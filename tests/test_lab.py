@@ -13,10 +13,10 @@ import torch
 from helpers import perturb, working_directory
 from PIL import Image
 
+import glowlab
 from glowlab.cli import main
-from glowlab.jobs.density import load_density, log_likelihoods
 from glowlab.jobs.target import distill, fit_target, kl_estimate
-from glowlab.models.density import FlowModel, make_vector_flow
+from glowlab.models.density import FlowModel, VectorFlowConfig, log_densities, make_vector_flow
 from glowlab.plots import grid_points
 from glowlab.targets import energy, log_normaliser
 from glowlab.training.cli import DensityCLI, density_trainer_defaults
@@ -37,8 +37,8 @@ def test_every_density_config_instantiates(config: Path, tmp_path, monkeypatch) 
     monkeypatch.chdir(tmp_path)
     args = ["--config", str(config), "--data.n_train", "64", "--data.n_val", "16", "--data.n_test", "16", *QUIET]
     cli = DensityCLI(DensityModule, VectorDataModule, args=args, run=False, trainer_defaults=density_trainer_defaults())
-    assert cli.model.hparams.family == config.stem
-    assert cli.model.hparams.features == 2 and len(cli.model.hparams.mean) == 2
+    assert cli.model.model.config.family == config.stem
+    assert cli.model.model.config.features == 2 and len(cli.model.model.config.mean) == 2
     assert cli.trainer.checkpoint_callback.monitor == "val_nll"
     x = cli.datamodule.tensor("val")
     with torch.enable_grad():
@@ -76,13 +76,13 @@ def test_density_fit_writes_checkpoints_results_and_learns(density_run: Path) ->
     assert (run / "checkpoints" / "best.ckpt").is_file() and (run / "checkpoints" / "last.ckpt").is_file()
     results = json.loads((run / "test_results.json").read_text())
     assert results["family"] == "maf" and results["num_test_vectors"] == 150
-    model, hp = load_density(run / "checkpoints" / "best.ckpt")
-    assert hp["features"] == 3
+    model = glowlab.load(run / "checkpoints" / "best.ckpt")
+    assert model.config.features == 3
     # The standardisation inside the model: an untrained MAF (identity body) is the Gaussian fit by
     # moments; training beats it on the curved second coordinate.
-    untrained = DensityModule(**{**hp}).model.double()
+    untrained = FlowModel.from_config(model.config).double()
     x = torch.as_tensor(np.loadtxt(density_run / "vectors.csv", delimiter=",", skiprows=1)[-150:])
-    assert float(log_likelihoods(model.double(), x).mean()) > float(log_likelihoods(untrained, x).mean()) + 0.1
+    assert float(log_densities(model.double(), x).mean()) > float(log_densities(untrained, x).mean()) + 0.1
     assert math.isfinite(results["test_nll"])
     assert not (run / "plots").exists()  # 3-D data: no 2-D plots
 
@@ -129,10 +129,20 @@ def test_lab_writes_the_table_and_plots_and_reuses_finished_cells(tmp_path, caps
 
 def test_fit_target_reaches_a_small_kl(tmp_path) -> None:
     metrics = fit_target(
-        "u1", tmp_path / "u1", family="realnvp", layers=6, hidden_features=32, steps=1200, batch_size=256, lr=3e-3
+        target="u1",
+        out=tmp_path / "u1",
+        family="realnvp",
+        layers=6,
+        hidden_features=32,
+        steps=1200,
+        batch_size=256,
+        lr=3e-3,
     )
     assert metrics["kl"] < 0.1, metrics
-    assert (tmp_path / "u1" / "target.png").is_file() and (tmp_path / "u1" / "model.pt").is_file()
+    assert (tmp_path / "u1" / "target.png").is_file()
+    fitted = glowlab.load(tmp_path / "u1" / "model")  # the exported model gives the density the KL was of
+    x = torch.randn(64, 2)
+    assert fitted.config.family == "realnvp" and torch.isfinite(fitted.log_prob(x)).all()
 
 
 def test_kl_estimate_matches_numerical_integration() -> None:
@@ -152,7 +162,7 @@ def test_kl_estimate_matches_numerical_integration() -> None:
 
 def test_distilled_student_matches_its_teacher(tmp_path) -> None:
     torch.manual_seed(0)
-    teacher = DensityModule(features=2, family="maf", layers=2, hidden_features=16, hidden_layers=1)
+    teacher = DensityModule(VectorFlowConfig(features=2, family="maf", layers=2, hidden_features=16, hidden_layers=1))
     perturb(teacher, 0.3)
     import lightning
 
@@ -165,11 +175,11 @@ def test_distilled_student_matches_its_teacher(tmp_path) -> None:
         },
         ckpt,
     )
-    metrics = distill(ckpt, tmp_path / "student", steps=600, batch_size=256, lr=3e-3, timing_samples=2000)
+    metrics = distill(teacher=ckpt, out=tmp_path / "student", steps=600, batch_size=256, lr=3e-3, timing_samples=2000)
     assert metrics["student_family"] == "iaf"
     assert metrics["kl_student_teacher"] < 0.03 and metrics["kl_teacher_student"] < 0.05, metrics
-    student, hp = load_density(tmp_path / "student" / "student.ckpt")
-    assert hp["family"] == "iaf" and metrics["sampling_speedup"] > 0
+    student = glowlab.load(tmp_path / "student" / "student")
+    assert student.config.family == "iaf" and metrics["sampling_speedup"] > 0
     assert isinstance(student, FlowModel)
 
 
@@ -188,7 +198,7 @@ def test_distill_command_on_a_teacher_trained_on_moons(tmp_path) -> None:
     assert metrics["student_family"] == "iaf" and metrics["features"] == 2
     assert metrics["kl_student_teacher"] < 0.1, metrics
     scores = tmp_path / "scores.csv"
-    main(["score", "--ckpt", str(tmp_path / metrics["checkpoint"]), "--data", "moons", "--out", str(scores)])
+    main(["score", "--ckpt", str(tmp_path / metrics["student"]), "--data", "moons", "--out", str(scores)])
     assert len(list(csv.DictReader(scores.open()))) == 5000
 
 

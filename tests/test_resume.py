@@ -8,6 +8,7 @@ import lightning as L
 import pytest
 import torch
 from datasets import prepared_digits
+from helpers import glow_module
 
 from glowlab.training import GlowCheckpoint, GlowModule, ShardDataModule
 
@@ -25,7 +26,7 @@ def fit(
 ) -> tuple[GlowModule, list[int]]:
     L.seed_everything(0)
     data = ShardDataModule(root=str(root), batch_size=32, num_workers=2, shuffle_buffer=64, hflip=True, max_shift=1)
-    model = GlowModule(
+    model = glow_module(
         image_shape=data.image_shape, n_bins=data.n_bins, levels=2, steps=2, hidden_channels=16, warmup_steps=5
     )
     recorder = Recorder()

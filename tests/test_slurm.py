@@ -68,9 +68,9 @@ def trained(cluster, tmp_path_factory) -> dict:
     site = tmp_path / "cluster.env"
     site.write_text(f"GLOWLAB_ACCELERATOR=cpu\nGLOWLAB_OUTPUT_ROOT={out}\nGLOWLAB_PYTHON={sys.executable}\n")
     env = {**cluster, "GLOWLAB_CLUSTER_ENV": str(site), "WANDB_MODE": "offline"}
-    overrides = [f"--data.root={data}", f"--trainer.max_steps={MAX_STEPS}", "--model.steps=2"]
+    overrides = [f"--data.root={data}", f"--trainer.max_steps={MAX_STEPS}", "--model.flow.steps=2"]
     overrides += [
-        "--model.hidden_channels=16",
+        "--model.flow.hidden_channels=16",
         "--trainer.check_val_every_n_epoch=1",
         "--trainer.enable_progress_bar=false",
     ]

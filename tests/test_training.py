@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from datasets import prepared, prepared_digits
-from helpers import working_directory
+from helpers import glow_module, working_directory
 from PIL import Image
 
 from glowlab.cli import main
@@ -57,8 +57,8 @@ def test_every_config_instantiates(config: Path, tmp_path, monkeypatch, digits_r
     root = str(data_root_for(config, tmp_path, digits_root))
     cli = GlowCLI(GlowModule, ShardDataModule, args=["--config", str(config), "--data.root", root, *QUIET], run=False)
     model, data = cli.model, cli.datamodule
-    assert tuple(model.hparams.image_shape) == data.image_shape
-    assert model.hparams.n_bins == data.n_bins
+    assert model.model.image_shape == data.image_shape
+    assert model.model.n_bins == data.n_bins
     assert isinstance(cli.trainer, L.Trainer) and cli.trainer.checkpoint_callback.monitor == "val_bpd"
     assert any(isinstance(c, SampleGrid) for c in cli.trainer.callbacks)
     assert sum(p.numel() for p in model.parameters()) > 0
@@ -76,7 +76,7 @@ def test_paper_configs_match_the_paper(tmp_path, monkeypatch, digits_root) -> No
         path = next(p for p in CONFIGS if p.stem == name)
         root = str(data_root_for(path, tmp_path, digits_root))
         args = ["--config", str(path), "--data.root", root]
-        hp = GlowCLI(GlowModule, ShardDataModule, args=args, run=False).model.hparams
+        hp = GlowCLI(GlowModule, ShardDataModule, args=args, run=False).model.model.config
         assert (hp.levels, hp.steps, hp.coupling, tuple(hp.image_shape), hp.n_bins) == (
             levels,
             steps,
@@ -188,7 +188,7 @@ def test_console_script_help() -> None:
 
 def test_class_conditional_training_step_logs_class_loss(digits_root: Path) -> None:
     data = ShardDataModule(root=str(digits_root), batch_size=32)
-    module = GlowModule(
+    module = glow_module(
         image_shape=(1, 8, 8), n_bins=17, levels=2, steps=2, hidden_channels=16, num_classes=10, warmup_steps=10
     )
     trainer = L.Trainer(
@@ -209,10 +209,10 @@ def test_class_conditional_training_step_logs_class_loss(digits_root: Path) -> N
     assert torch.isfinite(metrics["grad_norm"])
 
 
-@pytest.mark.parametrize("memory", ["standard", "invertible"])
-def test_compiled_steps_match_eager(memory: str) -> None:
+@pytest.mark.parametrize("backprop", ["standard", "invertible"])
+def test_compiled_steps_match_eager(backprop: str) -> None:
     torch.manual_seed(0)
-    kwargs = dict(image_shape=(1, 8, 8), levels=2, steps=2, hidden_channels=16, memory=memory)
+    kwargs = dict(image_shape=(1, 8, 8), levels=2, steps=2, hidden_channels=16, backprop=backprop)
     compiled, eager = Glow(**kwargs).double(), Glow(**kwargs).double()
     x = torch.rand(8, 1, 8, 8, dtype=torch.float64) - 0.5
     compiled.log_prob(x)  # ActNorm initialisation, so both passes below see the same weights
@@ -231,7 +231,7 @@ def test_compiled_steps_match_eager(memory: str) -> None:
 
 
 def test_compiled_training_run_writes_a_plain_checkpoint(digits_root: Path, tmp_path: Path) -> None:
-    module = GlowModule(image_shape=(1, 8, 8), n_bins=17, levels=2, steps=2, hidden_channels=16, compile=True)
+    module = glow_module(image_shape=(1, 8, 8), n_bins=17, levels=2, steps=2, hidden_channels=16, compile=True)
     trainer = L.Trainer(
         accelerator="cpu",
         max_steps=3,
@@ -252,7 +252,7 @@ def test_compiled_training_run_writes_a_plain_checkpoint(digits_root: Path, tmp_
 
 
 def test_conditional_model_rejects_unlabelled_or_out_of_range_data(digits_root: Path) -> None:
-    module = GlowModule(image_shape=(1, 8, 8), n_bins=17, levels=2, steps=1, hidden_channels=8, num_classes=5)
+    module = glow_module(image_shape=(1, 8, 8), n_bins=17, levels=2, steps=1, hidden_channels=8, num_classes=5)
     trainer = L.Trainer(
         accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False
     )
@@ -261,7 +261,9 @@ def test_conditional_model_rejects_unlabelled_or_out_of_range_data(digits_root: 
 
 
 def test_warmup_is_linear_in_steps() -> None:
-    module = GlowModule(image_shape=(1, 8, 8), n_bins=17, levels=1, steps=1, hidden_channels=4, lr=1e-3, warmup_steps=4)
+    module = glow_module(
+        image_shape=(1, 8, 8), n_bins=17, levels=1, steps=1, hidden_channels=4, lr=1e-3, warmup_steps=4
+    )
     config = module.configure_optimizers()
     optimizer, schedule = config["optimizer"], config["lr_scheduler"]["scheduler"]
     assert isinstance(optimizer, torch.optim.Adamax)
@@ -283,7 +285,7 @@ def test_nice_and_realnvp_train_and_run_every_image_job(name: str, digits_root: 
     run = tmp_path / "runs" / name / "version_0"
     ckpt = str(run / "checkpoints" / "best.ckpt")
     module = GlowModule.load_from_checkpoint(ckpt)
-    assert module.hparams.step == name.split("-")[1]
+    assert module.model.config.architecture == name.split("-")[1]
     fitted = json.loads((run / "test_results.json").read_text())
     data = ShardDataModule(root=str(digits_root), eval_batch_size=512)
     untrained = GlowModule(**{k: v for k, v in module.hparams.items() if k != "_instantiator"})

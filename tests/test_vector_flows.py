@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from helpers import per_example_slogdet, perturb
+from helpers import perturb
 
 from glowlab.flows.autoregressive import IAF, MAF
 from glowlab.flows.conv1x1 import InvConv1x1LU
@@ -20,75 +20,25 @@ from glowlab.flows.vector_coupling import VectorCoupling
 D, B, BOUND = 5, 4, 3.0
 IMAGE = (2, 2, 2)  # (C, H, W) for the elementwise affine on images
 
-LAYERS: dict[str, Callable[[], torch.nn.Module]] = {
+ZERO_INITIALISED: dict[str, Callable[[], torch.nn.Module]] = {
     "elementwise_affine": lambda: ElementwiseAffine(D),
-    "elementwise_affine_image": lambda: ElementwiseAffine(IMAGE),
-    "elementwise_affine_image_broadcast": lambda: ElementwiseAffine((IMAGE[0], 1, 1)),
-    "leaky_relu": lambda: LeakyReLU(0.3),
     "piecewise_linear": lambda: PiecewiseLinear(D, bins=6, bound=BOUND),
     "elementwise_spline": lambda: ElementwiseSpline(D, bins=6, bound=BOUND),
-    "lu_linear": lambda: LULinear(D),
-    "maf_affine": lambda: MAF(D, 16, transformer="affine"),
     "maf_spline": lambda: MAF(D, 16, transformer="spline", bins=5, bound=BOUND, order="reversed"),
-    "iaf_affine": lambda: IAF(D, 16, transformer="affine", order="reversed"),
-    "iaf_spline": lambda: IAF(D, 16, transformer="spline", bins=5, bound=BOUND),
-    "coupling_affine": lambda: VectorCoupling(D, 16, transformer="affine"),
-    "coupling_additive": lambda: VectorCoupling(D, 16, transformer="additive", parity=1),
-    "coupling_spline": lambda: VectorCoupling(D, 16, transformer="spline", bins=5, bound=BOUND),
-    "coupling_spline_parity1": lambda: VectorCoupling(D, 16, transformer="spline", parity=1, bins=5, bound=BOUND),
 }
 
 
-def make(name: str) -> torch.nn.Module:
-    # A large perturbation: spline parameters must move far from the identity for the test to bite.
-    return perturb(LAYERS[name]().double(), scale=0.5, seed=1)
-
-
-def sample(name: str, seed: int) -> torch.Tensor:
+def sample(seed: int) -> torch.Tensor:
     """Inputs spread over and beyond [-BOUND, BOUND], with some certainly outside (spline tails)."""
     gen = torch.Generator().manual_seed(seed)
-    shape = (B, *IMAGE) if "image" in name else (B, D)
-    x = 2.5 * torch.randn(shape, generator=gen, dtype=torch.float64)
-    flat = x.view(B, -1)  # (B, *shape) -> (B, numel)
-    flat[0, 0], flat[1, 1], flat[2, -1] = 4.5, -5.0, 3.5
+    x = 2.5 * torch.randn((B, D), generator=gen, dtype=torch.float64)
+    x[0, 0], x[1, 1], x[2, -1] = 4.5, -5.0, 3.5
     return x
 
 
-@pytest.mark.parametrize("name", list(LAYERS))
-def test_round_trip_both_directions(name: str) -> None:
-    layer, x, z = make(name), sample(name, 0), sample(name, 1)
-    y, logdet = layer(x)
-    assert y.shape == x.shape and logdet.shape == (B,)
-    assert (layer.inverse(y) - x).abs().max() < 1e-8
-    assert (layer(layer.inverse(z))[0] - z).abs().max() < 1e-8
-
-
-@pytest.mark.parametrize("name", list(LAYERS))
-def test_layers_are_not_the_identity(name: str) -> None:
-    layer, x = make(name), sample(name, 0)
-    assert (layer(x)[0] - x).abs().max() > 1e-2
-
-
-@pytest.mark.parametrize("name", list(LAYERS))
-def test_forward_logdet_matches_jacobian(name: str) -> None:
-    layer, x = make(name), sample(name, 0)
-    expected = per_example_slogdet(lambda v: layer(v)[0], x)
-    torch.testing.assert_close(layer(x)[1], expected, rtol=1e-9, atol=1e-9)
-
-
-@pytest.mark.parametrize("name", list(LAYERS))
-def test_inverse_logdet_matches_jacobian(name: str) -> None:
-    layer, z = make(name), sample(name, 1)
-    x, logdet = layer.inverse_with_logdet(z)
-    assert logdet.shape == (B,)
-    torch.testing.assert_close(x, layer.inverse(z), rtol=0, atol=1e-12)
-    torch.testing.assert_close(logdet, per_example_slogdet(layer.inverse, z), rtol=1e-9, atol=1e-9)
-    torch.testing.assert_close(logdet, -layer(x)[1], rtol=1e-9, atol=1e-9)
-
-
-@pytest.mark.parametrize("name", ["elementwise_affine", "piecewise_linear", "elementwise_spline", "maf_spline"])
+@pytest.mark.parametrize("name", list(ZERO_INITIALISED))
 def test_zero_initialised_layers_start_as_identity(name: str) -> None:
-    layer, x = LAYERS[name]().double(), sample(name, 0)
+    layer, x = ZERO_INITIALISED[name]().double(), sample(0)
     y, logdet = layer(x)
     torch.testing.assert_close(y, x, rtol=0, atol=1e-12)
     torch.testing.assert_close(logdet, torch.zeros(B, dtype=torch.float64), rtol=0, atol=1e-12)
@@ -113,7 +63,7 @@ def test_iaf_mirrors_maf_with_the_same_weights(transformer: str) -> None:
     maf = perturb(MAF(D, 16, transformer=transformer, bins=5).double(), scale=0.5, seed=3)
     iaf = IAF(D, 16, transformer=transformer, bins=5).double()
     iaf.load_state_dict(maf.state_dict())
-    x, z = sample("maf", 0), sample("maf", 1)
+    x, z = sample(0), sample(1)
     y, logdet = iaf(x)
     x_maf, logdet_maf = maf.inverse_with_logdet(x)
     assert torch.equal(y, x_maf) and torch.equal(logdet, logdet_maf)
@@ -126,7 +76,7 @@ def test_iaf_mirrors_maf_with_the_same_weights(transformer: str) -> None:
 @pytest.mark.parametrize("parity", [0, 1])
 def test_coupling_keeps_the_conditioning_half(parity: int) -> None:
     layer = perturb(VectorCoupling(D, 16, transformer="affine", parity=parity).double())
-    x = sample("coupling", 0)
+    x = sample(0)
     y, _ = layer(x)
     kept = torch.arange(D) % 2 == parity
     assert torch.equal(y[:, kept], x[:, kept])
@@ -135,7 +85,7 @@ def test_coupling_keeps_the_conditioning_half(parity: int) -> None:
 
 def test_lu_linear_is_its_assembled_weight() -> None:
     layer = perturb(LULinear(D).double())
-    x = sample("lu", 0)
+    x = sample(0)
     w = layer.weight()
     y, logdet = layer(x)
     torch.testing.assert_close(y, x @ w.T + layer.bias)

@@ -30,6 +30,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from glowlab.data.prepare import FORMAT, VERSION
+from glowlab.likelihood import reduce_bits
 
 
 class DataError(ValueError):
@@ -69,6 +70,41 @@ def read_manifest(root: str) -> dict:
         if key not in manifest:
             raise DataError(f"{location}: missing {key!r}")
     return manifest
+
+
+@dataclass(frozen=True)
+class DataContract:
+    """What a prepared image data set offers a model: shape, grey levels (after ``n_bits``), classes."""
+
+    image_shape: tuple[int, int, int]
+    n_bins: int
+    num_classes: int | None
+    n_bits: int | None
+
+    def describe(self) -> str:
+        classes = f", {self.num_classes} classes" if self.num_classes else ", no labels"
+        return f"{'x'.join(map(str, self.image_shape))} images with {self.n_bins} grey levels{classes}"
+
+
+def data_contract(root: str, manifest: dict | None = None, n_bits: int | None = None) -> DataContract:
+    """The :class:`DataContract` of the prepared data at ``root``; ``n_bits`` defaults to prepare's hint.
+
+    An ``n_bits`` applies to 8-bit data only (it keeps the top bits of 256 levels).
+    """
+    manifest = read_manifest(root) if manifest is None else manifest
+    stored_bins = int(manifest["n_bins"])
+    n_bits = manifest.get("n_bits_hint") if n_bits is None else n_bits
+    if n_bits is not None:
+        if stored_bins != 256:
+            raise ValueError(f"data.n_bits={n_bits}: {root} stores {stored_bins} grey levels, not 8-bit data")
+        if not 1 <= n_bits <= 8:
+            raise ValueError(f"data.n_bits must be in 1..8, got {n_bits}")
+    return DataContract(
+        image_shape=tuple(int(v) for v in manifest["image_shape"]),
+        n_bins=2**n_bits if n_bits is not None else stored_bins,
+        num_classes=manifest.get("num_classes"),
+        n_bits=n_bits,
+    )
 
 
 def shard_counts(manifest: dict, split: str) -> list[int]:
@@ -310,7 +346,7 @@ class ShardStream(IterableDataset):
     def _collate(self, batch: list[tuple[np.ndarray, int, int]]) -> tuple[torch.Tensor, ...]:
         levels = torch.from_numpy(np.stack([b[0] for b in batch]))  # (B, C, H, W)
         if self.n_bits is not None:
-            levels = torch.div(levels, 2 ** (8 - self.n_bits), rounding_mode="floor")
+            levels = reduce_bits(levels, self.n_bits)
         return levels, torch.tensor([b[1] for b in batch]), torch.tensor([b[2] for b in batch])
 
     def _train_samples(self, slot: int, worker: int, skip: int) -> Iterator[tuple[np.ndarray, int, int]]:

@@ -23,8 +23,9 @@ from pathlib import Path
 import numpy as np
 
 from glowlab.data.shards import DataError
+from glowlab.data.toy import TOY_DATASETS, toy_splits
 
-SPLIT_NAMES = ("train", "val", "test")
+SPLITS = ("train", "val", "test")
 TEXT_SUFFIXES = (".csv", ".txt")
 NPZ_SUFFIXES = (".npz",)
 
@@ -54,7 +55,7 @@ def _load_npz(path: Path) -> dict[str, np.ndarray]:
         raise DataError(f"{path}: not a readable .npz file ({error})") from error
     with npz:
         names = list(npz.files)
-        present = [name for name in SPLIT_NAMES if name in names]
+        present = [name for name in SPLITS if name in names]
         if present:
             if "train" not in present:
                 raise DataError(f"{path}: has split array(s) {', '.join(present)} but no 'train' array")
@@ -157,7 +158,7 @@ def split_vectors(x: np.ndarray, fractions: Sequence[float] = (0.8, 0.1, 0.1), s
     x = np.asarray(x)
     if x.ndim != 2:
         raise ValueError(f"split_vectors expects an (N, D) array, got shape {x.shape}")
-    if len(fractions) != len(SPLIT_NAMES) or min(fractions) < 0 or abs(sum(fractions) - 1.0) > 1e-6:
+    if len(fractions) != len(SPLITS) or min(fractions) < 0 or abs(sum(fractions) - 1.0) > 1e-6:
         raise ValueError(f"fractions must be three non-negative numbers summing to 1, got {tuple(fractions)}")
     n = x.shape[0]
     n_val, n_test = round(fractions[1] * n), round(fractions[2] * n)
@@ -166,7 +167,7 @@ def split_vectors(x: np.ndarray, fractions: Sequence[float] = (0.8, 0.1, 0.1), s
         raise ValueError(f"{n} rows leave no training rows with fractions {tuple(fractions)}")
     order = np.random.default_rng(seed).permutation(n)
     bounds = np.cumsum([0, n_train, n_val, n_test])
-    splits = {name: x[order[bounds[i] : bounds[i + 1]]] for i, name in enumerate(SPLIT_NAMES)}
+    splits = {name: x[order[bounds[i] : bounds[i + 1]]] for i, name in enumerate(SPLITS)}
     return {name: rows for name, rows in splits.items() if len(rows)}
 
 
@@ -189,3 +190,33 @@ def standardise(
     std = np.maximum(train.std(axis=0), min_std)
     scaled = {name: ((np.asarray(rows, np.float64) - mean) / std).astype(np.float32) for name, rows in splits.items()}
     return scaled, mean.astype(np.float32), std.astype(np.float32)
+
+
+def load_vector_splits(
+    source: str, n_train: int, n_val: int, n_test: int, seed: int
+) -> tuple[dict[str, np.ndarray], str]:
+    """Train/val/test arrays of a toy data set (by name) or of a user's ``.npz``/``.csv`` file.
+
+    Files with ``train``/``val``/``test`` arrays keep their splits (a missing ``val`` or ``test`` is
+    carved out of ``train``); a single array is split 80/10/10 with ``seed``. Returns the splits and
+    a short name for the data set.
+    """
+    if source in TOY_DATASETS:
+        return toy_splits(source, n_train, n_val, n_test, seed), source
+    path = Path(source)
+    if path.suffix.lower() not in (".npz", ".csv", ".txt"):
+        raise ValueError(
+            f"data.source={source!r} is neither a toy data set ({', '.join(TOY_DATASETS)}) nor a .npz/.csv/.txt file"
+        )
+    arrays = load_vectors(path)
+    if "all" in arrays:
+        splits = split_vectors(arrays["all"], seed=seed)
+    else:
+        if "train" not in arrays:
+            raise ValueError(f"{path}: has splits {sorted(arrays)} but no 'train'")
+        splits = dict(arrays)
+        for missing in ("val", "test"):
+            if missing not in splits:
+                carved = split_vectors(splits["train"], fractions=(0.9, 0.1, 0.0), seed=seed)
+                splits["train"], splits[missing] = carved["train"], carved["val"]
+    return splits, path.stem

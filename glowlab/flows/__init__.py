@@ -18,10 +18,11 @@ from glowlab.flows.nn import ZeroConv2d
 from glowlab.flows.permutations import PERMUTATIONS, ChannelPermutation, Reverse, Shuffle, make_permutation
 from glowlab.flows.planar import Planar, Radial
 from glowlab.flows.priors import Split, TopPrior
-from glowlab.flows.residual import AdditiveResidual, InvertibleResidual, hutchinson_trace
+from glowlab.flows.residual import AdditiveResidual, InvertibleResidual
 from glowlab.flows.splines import piecewise_linear, rational_quadratic_spline
 from glowlab.flows.squeeze import Squeeze
 from glowlab.flows.standardize import Standardize
+from glowlab.flows.trace import hutchinson_trace
 from glowlab.flows.vector_coupling import VectorCoupling
 
 __all__ = [

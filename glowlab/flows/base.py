@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TypeVar
 
 import torch
 from torch import Tensor, nn
+
+T = TypeVar("T")
 
 
 class Flow(nn.Module):
@@ -19,8 +22,15 @@ class Flow(nn.Module):
     default inverts and re-runs ``forward``; layers whose inverse is the cheap direction (IAF,
     planar, radial, continuous flows) compute it in that one pass instead.
 
+    Conditioning is part of the contract: a layer with ``conditional = True`` takes a ``context``
+    (a class label, for example) as a second argument of all three methods, ``None`` when there is
+    none. Containers (:class:`FlowSequence`) are conditional and hand the context to the layers
+    that are; every other layer is a function of ``x`` alone, and may ignore the context.
+
     References: Rezende & Mohamed, "Variational Inference with Normalizing Flows", ICML 2015.
     """
+
+    conditional = False
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:  # pragma: no cover - interface
         raise NotImplementedError
@@ -28,43 +38,58 @@ class Flow(nn.Module):
     def inverse(self, y: Tensor) -> Tensor:  # pragma: no cover - interface
         raise NotImplementedError
 
-    def inverse_with_logdet(self, y: Tensor) -> tuple[Tensor, Tensor]:
+    def inverse_with_logdet(self, y: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``(x, log|det dx/dy|)`` with ``x = inverse(y)``; the log-determinant has shape ``(B,)``."""
+        if self.conditional:
+            x = self.inverse(y, context)
+            return x, -self.forward(x, context)[1]
         x = self.inverse(y)
         return x, -self.forward(x)[1]
 
 
+def run_forward(layer: Flow, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """``layer(x)``, with ``context`` when the layer is conditional."""
+    return layer(x, context) if layer.conditional else layer(x)
+
+
+def run_inverse(layer: Flow, y: Tensor, context: Tensor | None = None) -> Tensor:
+    """``layer.inverse(y)``, with ``context`` when the layer is conditional."""
+    return layer.inverse(y, context) if layer.conditional else layer.inverse(y)
+
+
 class FlowSequence(Flow):
-    """Layers applied in order; the log-determinants add up.
+    """Layers applied in order; the log-determinants add up. A context reaches the conditional layers.
 
     References: Dinh et al., "NICE: Non-linear Independent Components Estimation", 2014.
     """
+
+    conditional = True
 
     def __init__(self, layers: Iterable[Flow]) -> None:
         super().__init__()
         self.layers = nn.ModuleList(layers)
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        return chain_forward(self.layers, x)
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return chain_forward(self.layers, x, context)
 
-    def inverse(self, y: Tensor) -> Tensor:
-        return chain_inverse(self.layers, y)
+    def inverse(self, y: Tensor, context: Tensor | None = None) -> Tensor:
+        return chain_inverse(self.layers, y, context)
 
-    def inverse_with_logdet(self, y: Tensor) -> tuple[Tensor, Tensor]:
+    def inverse_with_logdet(self, y: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         logdet = None
         for layer in reversed(self.layers):
-            y, ld = layer.inverse_with_logdet(y)
+            y, ld = layer.inverse_with_logdet(y, context) if layer.conditional else layer.inverse_with_logdet(y)
             logdet = ld if logdet is None else logdet + ld
         return y, _zero_if_none(logdet, y)
 
 
-def chain_forward(layers: Iterable[Flow], x: Tensor) -> tuple[Tensor, Tensor]:
+def chain_forward(layers: Iterable[Flow], x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """``layers`` applied in order, log-determinants summed (in at least float32)."""
     # Every layer's log-determinant is already (B,) in at least float32 (the contract), so the sum
     # starts from the first one rather than from a tensor of zeros: one operator less per layer.
     logdet = None
     for layer in layers:
-        x, ld = layer(x)
+        x, ld = run_forward(layer, x, context)
         logdet = ld if logdet is None else logdet + ld
     return x, _zero_if_none(logdet, x)
 
@@ -73,10 +98,10 @@ def _zero_if_none(logdet: Tensor | None, x: Tensor) -> Tensor:
     return x.new_zeros(x.shape[0], dtype=_accumulation_dtype(x.dtype)) if logdet is None else logdet
 
 
-def chain_inverse(layers: Sequence[Flow], y: Tensor) -> Tensor:
+def chain_inverse(layers: Sequence[Flow], y: Tensor, context: Tensor | None = None) -> Tensor:
     """Inverse of :func:`chain_forward`: the layers' inverses in reverse order."""
     for layer in reversed(layers):
-        y = layer.inverse(y)
+        y = run_inverse(layer, y, context)
     return y
 
 
@@ -100,6 +125,16 @@ def check_option(name: str, value: str, allowed: tuple[str, ...]) -> None:
     """Raise ``ValueError`` naming the option ``name`` unless ``value`` is one of ``allowed``."""
     if value not in allowed:
         raise ValueError(f"{name}={value!r} is not one of {', '.join(map(repr, allowed))}")
+
+
+def choose(name: str, value: str, registry: Mapping[str, T]) -> T:
+    """The entry of ``registry`` called ``value``; a ``ValueError`` naming the option ``name`` otherwise.
+
+    Every named choice of glowlab (couplings, permutations, architectures, vector families) is a
+    registry of this kind: a dict from the option's value to what builds it.
+    """
+    check_option(name, value, tuple(registry))
+    return registry[value]
 
 
 def sum_except_batch(x: Tensor) -> Tensor:

@@ -14,9 +14,10 @@ import torch
 from torch import Tensor, nn
 
 from glowlab.flows.base import Flow, check_option
+from glowlab.flows.nn import layer_widths
+from glowlab.flows.trace import PROBE_DISTRIBUTIONS, make_probes
 
 DIVERGENCES = ("exact", "hutchinson")
-PROBES = ("rademacher", "gaussian")
 ACTIVATIONS = ("tanh", "softplus")
 ADAPTIVE_SOLVERS = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
 FIXED_STEP_SOLVERS = ("euler", "midpoint", "heun2", "heun3", "rk4", "explicit_adams", "implicit_adams")
@@ -39,9 +40,7 @@ class ODENet(nn.Module):
     ) -> None:
         super().__init__()
         check_option("activation", activation, ACTIVATIONS)
-        if hidden_layers < 1:
-            raise ValueError(f"hidden_layers must be >= 1, got {hidden_layers}")
-        widths = [features] + [hidden_features] * hidden_layers
+        widths = layer_widths(features, hidden_features, hidden_layers, features)[:-1]
         # +1 input for the time: concatenating t to every layer lets each layer's map vary in time.
         self.linears = nn.ModuleList(nn.Linear(w_in + 1, w_out) for w_in, w_out in itertools.pairwise(widths))
         self.output = nn.Linear(hidden_features + 1, features)
@@ -146,7 +145,7 @@ class CNF(Flow):
         super().__init__()
         check_option("divergence", divergence, DIVERGENCES)
         check_option("eval_divergence", eval_divergence, DIVERGENCES)
-        check_option("probe", probe, PROBES)
+        check_option("probe", probe, PROBE_DISTRIBUTIONS)
         check_option("solver", solver, SOLVERS)
         if solver in FIXED_STEP_SOLVERS and step_size is None:
             raise ValueError(f"step_size is required by the fixed-step solver {solver!r}")
@@ -182,11 +181,8 @@ class CNF(Flow):
     def _solve_with_logdet(self, x: Tensor, t0: float, t1: float) -> tuple[Tensor, Tensor]:
         divergence = self.divergence if self.training else self.eval_divergence
         probe = None
-        if divergence == "hutchinson":
-            if self.probe == "gaussian":
-                probe = torch.randn_like(x)
-            else:
-                probe = torch.randint_like(x, 2) * 2 - 1
+        if divergence == "hutchinson":  # one probe for the whole solve
+            probe = make_probes(x.shape, 1, self.probe, dtype=x.dtype, device=x.device)[0]
         dynamics = _Dynamics(self.net, divergence, probe)
         logdet0 = x.new_zeros(x.shape[0])
         out, logdet = self._integrate(dynamics, (x, logdet0), t0, t1)

@@ -110,7 +110,7 @@ def mixing_matrices(layers: Sequence[InvConv1x1 | LUFactorised]) -> tuple[Tensor
 
     ``W`` is (K, C, C) for K layers. The K small matrix products run as one batched product, which
     is what lets a level of Glow steps assemble all its weights in a few operators (see
-    :class:`glowlab.models.glow.GlowLevel`). The layers must all be of one class.
+    :class:`glowlab.models.multiscale.Level`). The layers must all be of one class.
     """
     first = layers[0]
     if isinstance(first, LUFactorised):

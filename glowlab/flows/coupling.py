@@ -2,41 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from glowlab.flows.base import Flow, sum_except_batch
-from glowlab.flows.nn import ZeroConv2d
-
-COUPLINGS = ("affine", "additive")
-
-
-def coupling_net(
-    in_channels: int, hidden_channels: int, out_channels: int, offset: Tensor | None = None, halves: bool = False
-) -> nn.Sequential:
-    """Glow's coupling network: 3x3 conv, ReLU, 1x1 conv, ReLU, zero-initialised 3x3 conv.
-
-    The zero-initialised output makes every coupling start as the identity, which is what lets
-    deep Glow models train from the first step. ``offset`` and ``halves`` go to the last layer
-    (see :class:`ZeroConv2d`).
-    """
-    return nn.Sequential(
-        nn.Conv2d(in_channels, hidden_channels, 3, padding=1),
-        nn.ReLU(),
-        nn.Conv2d(hidden_channels, hidden_channels, 1),
-        nn.ReLU(),
-        ZeroConv2d(hidden_channels, out_channels, offset, halves),
-    )
-
-
-def affine_net(in_channels: int, hidden_channels: int, transformed: int) -> nn.Sequential:
-    """A coupling network whose output is ``[shift | pre-scale]`` for ``transformed`` channels.
-
-    The parameters keep the reference implementation's interleaved layout (even = shift, odd =
-    scale); the output comes in halves with the ``+ 2`` of ``sigmoid(h + 2)`` already added.
-    """
-    offset = torch.cat([torch.zeros(transformed), torch.full((transformed,), 2.0)])
-    return coupling_net(in_channels, hidden_channels, 2 * transformed, offset, halves=True)
+from glowlab.flows.base import Flow, choose, sum_except_batch
+from glowlab.flows.nn import affine_net, coupling_net
 
 
 def shift_and_scale(h: Tensor) -> tuple[Tensor, Tensor]:
@@ -138,10 +110,15 @@ class CheckerboardCoupling(Flow):
         return y * mask + (1.0 - mask) * (y / scale - shift)
 
 
-def make_coupling(name: str, num_channels: int, hidden_channels: int) -> Flow:
-    """The coupling layer called ``name``: ``"affine"`` or ``"additive"``."""
-    if name == "affine":
-        return AffineCoupling(num_channels, hidden_channels)
-    if name == "additive":
-        return AdditiveCoupling(num_channels, hidden_channels)
-    raise ValueError(f"coupling={name!r} is not one of {', '.join(map(repr, COUPLINGS))}")
+# The coupling layers by name. Each takes (channels, hidden channels, index of the step in its
+# level); the checkerboard alternates its parity with the index so that every pixel is transformed.
+COUPLINGS: dict[str, Callable[[int, int, int], Flow]] = {
+    "affine": lambda channels, hidden, index: AffineCoupling(channels, hidden),
+    "additive": lambda channels, hidden, index: AdditiveCoupling(channels, hidden),
+    "checkerboard": lambda channels, hidden, index: CheckerboardCoupling(channels, hidden, index % 2),
+}
+
+
+def make_coupling(name: str, num_channels: int, hidden_channels: int, index: int = 0) -> Flow:
+    """The coupling layer called ``name`` (a key of :data:`COUPLINGS`) for the ``index``-th step of a level."""
+    return choose("coupling", name, COUPLINGS)(num_channels, hidden_channels, index)

@@ -3,28 +3,12 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from glowlab.flows.base import check_option
+from glowlab.flows.nn import MaskedLinear
 
 ORDERS = ("natural", "reversed")
-
-
-class MaskedLinear(nn.Linear):
-    """``y = x (W ⊙ mask)^T + b``: a linear layer with a fixed 0/1 connectivity mask of shape (out, in).
-
-    References: Germain et al., "MADE: Masked Autoencoder for Distribution Estimation", ICML 2015.
-    """
-
-    def __init__(self, in_features: int, out_features: int, mask: Tensor) -> None:
-        super().__init__(in_features, out_features)
-        if mask.shape != (out_features, in_features):
-            raise ValueError(f"mask has shape {tuple(mask.shape)}, expected {(out_features, in_features)}")
-        self.register_buffer("mask", mask.to(self.weight.dtype))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.weight * self.mask, self.bias)
 
 
 class MADE(nn.Module):

@@ -1,10 +1,22 @@
-"""Small network pieces shared by flow layers (not flows themselves)."""
+"""The networks inside flow layers (not flows themselves), in one place.
+
+Glow's zero-initialised convolution and coupling networks for images; MLPs for vectors (the
+conditioners of coupling layers, i-RevNet's residual function); masked linear layers (MADE) and
+spectrally normalised ones (i-ResNet).
+"""
 
 from __future__ import annotations
+
+import itertools
+import math
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from glowlab.flows.base import check_option
+
+ACTIVATIONS = {"tanh": nn.Tanh, "elu": nn.ELU}
 
 
 class ZeroConv2d(nn.Module):
@@ -54,3 +66,172 @@ def interleaved_halves(h: Tensor) -> tuple[Tensor, Tensor]:
     as the reference implementation does.
     """
     return h.unflatten(1, (-1, 2)).unbind(2)  # (B, 2C, H, W) -> (B, C, 2, H, W) -> 2 x (B, C, H, W)
+
+
+def coupling_net(
+    in_channels: int, hidden_channels: int, out_channels: int, offset: Tensor | None = None, halves: bool = False
+) -> nn.Sequential:
+    """Glow's coupling network: 3x3 conv, ReLU, 1x1 conv, ReLU, zero-initialised 3x3 conv.
+
+    The zero-initialised output makes every coupling start as the identity, which is what lets
+    deep Glow models train from the first step. ``offset`` and ``halves`` go to the last layer
+    (see :class:`ZeroConv2d`).
+    """
+    return nn.Sequential(
+        nn.Conv2d(in_channels, hidden_channels, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(hidden_channels, hidden_channels, 1),
+        nn.ReLU(),
+        ZeroConv2d(hidden_channels, out_channels, offset, halves),
+    )
+
+
+def affine_net(in_channels: int, hidden_channels: int, transformed: int) -> nn.Sequential:
+    """A coupling network whose output is ``[shift | pre-scale]`` for ``transformed`` channels.
+
+    The parameters keep the reference implementation's interleaved layout (even = shift, odd =
+    scale); the output comes in halves with the ``+ 2`` of ``sigmoid(h + 2)`` already added.
+    """
+    offset = torch.cat([torch.zeros(transformed), torch.full((transformed,), 2.0)])
+    return coupling_net(in_channels, hidden_channels, 2 * transformed, offset, halves=True)
+
+
+def layer_widths(in_features: int, hidden_features: int, hidden_layers: int, out_features: int) -> list[int]:
+    """The widths of an MLP's layers, input to output; at least one hidden layer."""
+    if hidden_layers < 1:
+        raise ValueError(f"hidden_layers must be >= 1, got {hidden_layers}")
+    return [in_features] + [hidden_features] * hidden_layers + [out_features]
+
+
+def init_uniform(tensor: Tensor, bound: float, generator: torch.Generator | None) -> None:
+    """Fill ``tensor`` with U(-bound, bound) drawn from ``generator`` (the global one when None)."""
+    with torch.no_grad():
+        tensor.copy_(torch.rand(tensor.shape, generator=generator, dtype=tensor.dtype) * (2 * bound) - bound)
+
+
+def mlp(
+    in_features: int,
+    hidden_features: int,
+    hidden_layers: int,
+    out_features: int,
+    activation: str = "tanh",
+    zero_output: bool = True,
+    uniform_init: bool = False,
+    generator: torch.Generator | None = None,
+) -> nn.Sequential:
+    """Linear layers with ``activation`` between them (``hidden_layers`` hidden layers, 0 allowed).
+
+    ``zero_output`` starts the last layer at zero, so the layer it drives starts as the identity.
+    ``uniform_init`` draws every weight and bias from U(-1/sqrt(fan_in), 1/sqrt(fan_in)) with
+    ``generator``, so a seeded layer is reproducible on its own.
+    """
+    check_option("activation", activation, tuple(ACTIVATIONS))
+    widths = [in_features] + [hidden_features] * hidden_layers + [out_features]
+    layers: list[nn.Module] = []
+    for a, b in itertools.pairwise(widths):
+        linear = nn.Linear(a, b)
+        if uniform_init:
+            init_uniform(linear.weight, 1.0 / math.sqrt(a), generator)
+            init_uniform(linear.bias, 1.0 / math.sqrt(a), generator)
+        layers += [linear, ACTIVATIONS[activation]()]
+    layers.pop()  # no activation after the output layer
+    if zero_output:
+        nn.init.zeros_(layers[-1].weight)
+        nn.init.zeros_(layers[-1].bias)
+    return nn.Sequential(*layers)
+
+
+class MaskedLinear(nn.Linear):
+    """``y = x (W ⊙ mask)^T + b``: a linear layer with a fixed 0/1 connectivity mask of shape (out, in).
+
+    References: Germain et al., "MADE: Masked Autoencoder for Distribution Estimation", ICML 2015.
+    """
+
+    def __init__(self, in_features: int, out_features: int, mask: Tensor) -> None:
+        super().__init__(in_features, out_features)
+        if mask.shape != (out_features, in_features):
+            raise ValueError(f"mask has shape {tuple(mask.shape)}, expected {(out_features, in_features)}")
+        self.register_buffer("mask", mask.to(self.weight.dtype))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight * self.mask, self.bias)
+
+
+class SpectralNormLinear(nn.Module):
+    """A linear layer whose weight is rescaled so its spectral norm is at most ``lipschitz``.
+
+    The weight used is ``W · min(1, lipschitz / sigma_hat)`` with ``sigma_hat = u^T W v`` from power
+    iteration. The singular-vector estimates ``u`` and ``v`` are buffers; in training mode every
+    forward call advances them by ``power_iterations`` steps, in eval mode they stay fixed so the
+    layer is a fixed function (which an inverse by iteration needs). Power iteration approaches
+    ``sigma`` from below, so call :meth:`converge` when the bound must hold tightly.
+
+    References: Miyato et al., "Spectral Normalization for Generative Adversarial Networks", ICLR 2018.
+    """
+
+    u: Tensor
+    v: Tensor
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        lipschitz: float = 0.9,
+        power_iterations: int = 1,
+        *,
+        bias: bool = True,
+        generator: torch.Generator | None = None,
+        init_iterations: int = 20,
+    ) -> None:
+        super().__init__()
+        if not lipschitz > 0:
+            raise ValueError(f"lipschitz must be positive, got {lipschitz}")
+        if power_iterations < 0:
+            raise ValueError(f"power_iterations must be >= 0, got {power_iterations}")
+        self.in_features, self.out_features = in_features, out_features
+        self.lipschitz, self.power_iterations = float(lipschitz), power_iterations
+        bound = 1.0 / math.sqrt(in_features)
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        init_uniform(self.weight, bound, generator)
+        if bias:
+            self.bias: nn.Parameter | None = nn.Parameter(torch.empty(out_features))
+            init_uniform(self.bias, bound, generator)
+        else:
+            self.bias = None
+        self.register_buffer("u", F.normalize(torch.randn(out_features, generator=generator), dim=0))
+        self.register_buffer("v", F.normalize(torch.randn(in_features, generator=generator), dim=0))
+        # A random start is a poor estimate; a few steps now mean training starts near the true norm.
+        self.converge(init_iterations)
+
+    @torch.no_grad()
+    def _power_step(self, iterations: int) -> None:
+        w, u, v = self.weight, self.u, self.v
+        for _ in range(iterations):
+            v = F.normalize(w.T @ u, dim=0, eps=1e-12)
+            u = F.normalize(w @ v, dim=0, eps=1e-12)
+        self.u.copy_(u)
+        self.v.copy_(v)
+
+    def converge(self, iterations: int = 200) -> Tensor:
+        """Run ``iterations`` extra power-iteration steps (in any mode); returns the new ``sigma_hat``."""
+        self._power_step(iterations)
+        return self.spectral_norm_estimate().detach()
+
+    def spectral_norm_estimate(self) -> Tensor:
+        """``sigma_hat = u^T W v`` from the current buffers, differentiable with respect to ``W``."""
+        # Clones: the buffers change in place on the next training step, after this graph was built.
+        return torch.dot(self.u.clone(), self.weight @ self.v.clone())
+
+    def normalized_weight(self, update: bool | None = None) -> Tensor:
+        """The rescaled weight; ``update`` (default: training mode) advances power iteration first."""
+        if self.training if update is None else update:
+            self._power_step(self.power_iterations)
+        sigma = self.spectral_norm_estimate()
+        scale = torch.clamp(self.lipschitz / sigma.clamp_min(torch.finfo(sigma.dtype).tiny), max=1.0)
+        return self.weight * scale
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.normalized_weight(), self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, lipschitz={self.lipschitz}"

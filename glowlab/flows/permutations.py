@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
-from glowlab.flows.base import Flow
+from glowlab.flows.base import Flow, choose
 from glowlab.flows.conv1x1 import InvConv1x1, InvConv1x1LU
-
-PERMUTATIONS = ("lu", "conv", "reverse", "shuffle")
 
 
 class ChannelPermutation(Flow):
@@ -56,14 +56,15 @@ class Shuffle(ChannelPermutation):
         super().__init__(torch.randperm(num_channels, generator=generator))
 
 
+# The channel-mixing layers by name; each takes (channels, generator).
+PERMUTATIONS: dict[str, Callable[[int, torch.Generator | None], Flow]] = {
+    "lu": InvConv1x1LU,
+    "conv": InvConv1x1,
+    "reverse": lambda channels, generator: Reverse(channels),
+    "shuffle": Shuffle,
+}
+
+
 def make_permutation(name: str, num_channels: int, generator: torch.Generator | None = None) -> Flow:
-    """The channel-mixing layer called ``name``: one of ``"lu"``, ``"conv"``, ``"reverse"``, ``"shuffle"``."""
-    if name == "lu":
-        return InvConv1x1LU(num_channels, generator)
-    if name == "conv":
-        return InvConv1x1(num_channels, generator)
-    if name == "reverse":
-        return Reverse(num_channels)
-    if name == "shuffle":
-        return Shuffle(num_channels, generator)
-    raise ValueError(f"permutation={name!r} is not one of {', '.join(map(repr, PERMUTATIONS))}")
+    """The channel-mixing layer called ``name`` (a key of :data:`PERMUTATIONS`)."""
+    return choose("permutation", name, PERMUTATIONS)(num_channels, generator)

@@ -56,10 +56,13 @@ class TopPrior(Flow):
 
     ``mean`` and ``logs`` are learned per channel and position (``learn_top``; otherwise the prior
     is N(0, I)); with ``num_classes`` a zero-initialised linear map of the one-hot label adds a
-    per-channel offset to both, as in Glow's class-conditional models.
+    per-channel offset to both, as in Glow's class-conditional models. The label is the layer's
+    ``context`` (the flow contract's conditioning argument).
 
     References: Kingma & Dhariwal, "Glow: Generative Flow with Invertible 1x1 Convolutions", 2018.
     """
+
+    conditional = True
 
     def __init__(self, shape: tuple[int, int, int], learn_top: bool = True, num_classes: int | None = None) -> None:
         super().__init__()
@@ -76,7 +79,7 @@ class TopPrior(Flow):
         p = self.params  # (1, 2C, H, W)
         if self.class_embedding is not None:
             if labels is None:
-                raise ValueError("this model is class-conditional (num_classes is set): pass labels y")
+                raise ValueError("this model is class-conditional (num_classes is set): pass labels y as the context")
             # One-hot by comparison, not F.one_hot: one_hot checks the label range on the host (a
             # device synchronisation), and an embedding lookup's CUDA backward synchronises too.
             classes = torch.arange(self.num_classes, device=labels.device)
@@ -87,16 +90,16 @@ class TopPrior(Flow):
             p = offset.expand(-1, -1, x.shape[2], x.shape[3]) if p is None else p + offset
         return None if p is None else interleaved_halves(p)
 
-    def forward(self, x: Tensor, labels: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        prior = self._mean_logs(x, labels)
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        prior = self._mean_logs(x, context)
         if prior is None:
             return x, x.new_zeros(x.shape[0], dtype=_accumulation_dtype(x.dtype))
         mean, logs = prior
         # logs is (1, ...) without labels: one log-determinant for the whole batch.
         return (x - mean) * (-logs).exp(), -sum_except_batch(logs).expand(x.shape[0])
 
-    def inverse(self, y: Tensor, labels: Tensor | None = None) -> Tensor:
-        prior = self._mean_logs(y, labels)
+    def inverse(self, y: Tensor, context: Tensor | None = None) -> Tensor:
+        prior = self._mean_logs(y, context)
         if prior is None:
             return y
         mean, logs = prior

@@ -1,177 +1,24 @@
 """Residual flows: invertible residual blocks (i-ResNet) and additive i-RevNet blocks on vectors.
 
-Also Hutchinson's stochastic trace estimator, which the i-ResNet power-series log-determinant uses.
+Their networks live in :mod:`glowlab.flows.nn`, the trace estimator of i-ResNet's power series in
+:mod:`glowlab.flows.trace`.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from glowlab.flows.base import Flow, check_option, sum_except_batch
+from glowlab.flows.nn import SpectralNormLinear, layer_widths, mlp
+from glowlab.flows.trace import PROBE_DISTRIBUTIONS, make_probes
 
 LOGDETS = ("series", "exact")
-PROBE_DISTRIBUTIONS = ("rademacher", "gaussian")
-
-
-def make_probes(
-    shape: Sequence[int],
-    probes: int = 1,
-    distribution: str = "rademacher",
-    generator: torch.Generator | None = None,
-    *,
-    dtype: torch.dtype | None = None,
-    device: torch.device | str | None = None,
-) -> Tensor:
-    """``probes`` independent probe vectors of ``shape``, stacked: shape ``(probes, *shape)``.
-
-    Every entry has mean 0 and variance 1 and entries are independent, so ``E[v v^T] = I``.
-    Rademacher probes (entries ±1) give the lower-variance trace estimate; Gaussian probes are the
-    classic choice. With ``generator`` the draw happens on the generator's device, then moves.
-    """
-    check_option("distribution", distribution, PROBE_DISTRIBUTIONS)
-    if probes < 1:
-        raise ValueError(f"probes must be >= 1, got {probes}")
-    dtype = dtype or torch.get_default_dtype()
-    size = (probes, *shape)
-    draw_device = generator.device if generator is not None else device
-    if distribution == "rademacher":
-        v = torch.randint(0, 2, size, generator=generator, device=draw_device).to(dtype) * 2 - 1
-    else:
-        v = torch.randn(size, generator=generator, device=draw_device, dtype=dtype)
-    return v.to(device) if device is not None else v
-
-
-def hutchinson_samples(
-    matvec: Callable[[Tensor], Tensor],
-    shape: Sequence[int],
-    probes: int = 1,
-    distribution: str = "rademacher",
-    generator: torch.Generator | None = None,
-    *,
-    dtype: torch.dtype | None = None,
-    device: torch.device | str | None = None,
-) -> Tensor:
-    """One trace estimate ``v^T A v`` per probe and example: shape ``(probes, B)``.
-
-    ``matvec`` receives all probes at once, shape ``(probes, *shape)`` with ``shape = (B, ...)``,
-    and returns ``A v`` for each (per example ``A``), same shape. ``v^T A`` (a vector-Jacobian
-    product) works as well, since ``v^T A v`` is the same number either way.
-    """
-    v = make_probes(shape, probes, distribution, generator, dtype=dtype, device=device)  # (P, B, ...)
-    av = matvec(v)  # (P, B, ...)
-    flat = (v * av).reshape(probes * shape[0], -1)  # (P * B, D)
-    return sum_except_batch(flat).reshape(probes, shape[0])  # (P, B)
-
-
-def hutchinson_trace(matvec: Callable[[Tensor], Tensor], shape: Sequence[int], *args: Any, **kwargs: Any) -> Tensor:
-    """Unbiased estimate of ``tr(A)`` per example, shape ``(B,)``: the mean of ``v^T A v`` over probes.
-
-    Unbiased because ``E[v^T A v] = tr(A E[v v^T]) = tr(A)``; the variance falls as ``1 / probes``.
-    Takes the arguments of :func:`hutchinson_samples` (``probes``, ``distribution``, ``generator``,
-    ``dtype``, ``device``), whose ``matvec`` contract it shares (all probes at once).
-
-    References: Hutchinson, "A stochastic estimator of the trace of the influence matrix for
-    Laplacian smoothing splines", Communications in Statistics - Simulation and Computation 1990.
-    """
-    return hutchinson_samples(matvec, shape, *args, **kwargs).mean(dim=0)
-
-
-def _init_uniform(tensor: Tensor, bound: float, generator: torch.Generator | None) -> None:
-    with torch.no_grad():
-        tensor.copy_(torch.rand(tensor.shape, generator=generator, dtype=tensor.dtype) * (2 * bound) - bound)
-
-
-class SpectralNormLinear(nn.Module):
-    """A linear layer whose weight is rescaled so its spectral norm is at most ``lipschitz``.
-
-    The weight used is ``W · min(1, lipschitz / sigma_hat)`` with ``sigma_hat = u^T W v`` from power
-    iteration. The singular-vector estimates ``u`` and ``v`` are buffers; in training mode every
-    forward call advances them by ``power_iterations`` steps, in eval mode they stay fixed so the
-    layer is a fixed function (which an inverse by iteration needs). Power iteration approaches
-    ``sigma`` from below, so call :meth:`converge` when the bound must hold tightly.
-
-    References: Miyato et al., "Spectral Normalization for Generative Adversarial Networks", ICLR 2018.
-    """
-
-    u: Tensor
-    v: Tensor
-
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        lipschitz: float = 0.9,
-        power_iterations: int = 1,
-        *,
-        bias: bool = True,
-        generator: torch.Generator | None = None,
-        init_iterations: int = 20,
-    ) -> None:
-        super().__init__()
-        if not lipschitz > 0:
-            raise ValueError(f"lipschitz must be positive, got {lipschitz}")
-        if power_iterations < 0:
-            raise ValueError(f"power_iterations must be >= 0, got {power_iterations}")
-        self.in_features, self.out_features = in_features, out_features
-        self.lipschitz, self.power_iterations = float(lipschitz), power_iterations
-        bound = 1.0 / math.sqrt(in_features)
-        self.weight = nn.Parameter(torch.empty(out_features, in_features))
-        _init_uniform(self.weight, bound, generator)
-        if bias:
-            self.bias: nn.Parameter | None = nn.Parameter(torch.empty(out_features))
-            _init_uniform(self.bias, bound, generator)
-        else:
-            self.bias = None
-        self.register_buffer("u", F.normalize(torch.randn(out_features, generator=generator), dim=0))
-        self.register_buffer("v", F.normalize(torch.randn(in_features, generator=generator), dim=0))
-        # A random start is a poor estimate; a few steps now mean training starts near the true norm.
-        self.converge(init_iterations)
-
-    @torch.no_grad()
-    def _power_step(self, iterations: int) -> None:
-        w, u, v = self.weight, self.u, self.v
-        for _ in range(iterations):
-            v = F.normalize(w.T @ u, dim=0, eps=1e-12)
-            u = F.normalize(w @ v, dim=0, eps=1e-12)
-        self.u.copy_(u)
-        self.v.copy_(v)
-
-    def converge(self, iterations: int = 200) -> Tensor:
-        """Run ``iterations`` extra power-iteration steps (in any mode); returns the new ``sigma_hat``."""
-        self._power_step(iterations)
-        return self.spectral_norm_estimate().detach()
-
-    def spectral_norm_estimate(self) -> Tensor:
-        """``sigma_hat = u^T W v`` from the current buffers, differentiable with respect to ``W``."""
-        # Clones: the buffers change in place on the next training step, after this graph was built.
-        return torch.dot(self.u.clone(), self.weight @ self.v.clone())
-
-    def normalized_weight(self, update: bool | None = None) -> Tensor:
-        """The rescaled weight; ``update`` (default: training mode) advances power iteration first."""
-        if self.training if update is None else update:
-            self._power_step(self.power_iterations)
-        sigma = self.spectral_norm_estimate()
-        scale = torch.clamp(self.lipschitz / sigma.clamp_min(torch.finfo(sigma.dtype).tiny), max=1.0)
-        return self.weight * scale
-
-    def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.normalized_weight(), self.bias)
-
-    def extra_repr(self) -> str:
-        return f"{self.in_features}, {self.out_features}, lipschitz={self.lipschitz}"
-
-
-def _layer_sizes(features: int, hidden_features: int, hidden_layers: int, out_features: int) -> list[int]:
-    if hidden_layers < 1:
-        raise ValueError(f"hidden_layers must be >= 1, got {hidden_layers}")
-    return [features] + [hidden_features] * hidden_layers + [out_features]
 
 
 class InvertibleResidual(Flow):
@@ -231,7 +78,7 @@ class InvertibleResidual(Flow):
         self.series_terms, self.probes = series_terms, probes
         self.max_iterations, self.tolerance = max_iterations, tolerance
         self.last_iterations = 0
-        sizes = _layer_sizes(features, hidden_features, hidden_layers, features)
+        sizes = layer_widths(features, hidden_features, hidden_layers, features)
         self.linears = nn.ModuleList(
             SpectralNormLinear(a, b, lipschitz, power_iterations, generator=generator)
             for a, b in itertools.pairwise(sizes)
@@ -394,14 +241,17 @@ class AdditiveResidual(Flow):
             raise ValueError(f"AdditiveResidual needs features >= 2 to split, got {features}")
         self.features = features
         self.split = features // 2
-        sizes = _layer_sizes(features - self.split, hidden_features, hidden_layers, self.split)
-        layers: list[nn.Module] = []
-        for a, b in itertools.pairwise(sizes):
-            linear = nn.Linear(a, b)
-            _init_uniform(linear.weight, 1.0 / math.sqrt(a), generator)
-            _init_uniform(linear.bias, 1.0 / math.sqrt(a), generator)
-            layers += [linear, nn.ELU()]
-        self.net = nn.Sequential(*layers[:-1])
+        layer_widths(features - self.split, hidden_features, hidden_layers, self.split)  # checks hidden_layers
+        self.net = mlp(
+            features - self.split,
+            hidden_features,
+            hidden_layers,
+            self.split,
+            activation="elu",
+            zero_output=False,
+            uniform_init=True,
+            generator=generator,
+        )
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         x1, x2 = x[:, : self.split], x[:, self.split :]

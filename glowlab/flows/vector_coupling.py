@@ -3,23 +3,11 @@
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from glowlab.flows.base import Flow, check_option, sum_except_batch
 from glowlab.flows.elementwise import TRANSFORMERS, apply_transformer, check_spline_options, transformer_params
-
-
-def conditioner_mlp(in_features: int, hidden_features: int, hidden_layers: int, out_features: int) -> nn.Sequential:
-    """Tanh MLP whose last layer starts at zero, so the coupling it drives starts as the identity."""
-    layers: list[nn.Module] = []
-    width = in_features
-    for _ in range(hidden_layers):
-        layers += [nn.Linear(width, hidden_features), nn.Tanh()]
-        width = hidden_features
-    last = nn.Linear(width, out_features)
-    nn.init.zeros_(last.weight)
-    nn.init.zeros_(last.bias)
-    return nn.Sequential(*layers, last)
+from glowlab.flows.nn import mlp
 
 
 class VectorCoupling(Flow):
@@ -60,7 +48,7 @@ class VectorCoupling(Flow):
         self.register_buffer("transformed", index[index % 2 != parity])
         self.params_per_feature = transformer_params(transformer, bins)
         num_transformed = len(self.transformed)
-        self.net = conditioner_mlp(
+        self.net = mlp(
             len(self.conditioning), hidden_features, hidden_layers, num_transformed * self.params_per_feature
         )
 

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from glowlab.likelihood import bits_per_dim, dequantize, per_sample_uniform, quantize
-from glowlab.models import Glow
+from glowlab.models import MultiscaleFlow
 
 
 class BpdEvaluation(L.LightningModule):
@@ -22,11 +22,11 @@ class BpdEvaluation(L.LightningModule):
     References: Theis et al., "A note on the evaluation of generative models", ICLR 2016.
     """
 
-    def __init__(self, model: Glow, n_bins: int, draws: int = 4) -> None:
+    def __init__(self, model: MultiscaleFlow, draws: int = 4) -> None:
         super().__init__()
         if draws < 1:
             raise ValueError(f"--draws must be >= 1, got {draws}")
-        self.model, self.n_bins, self.draws = model, n_bins, draws
+        self.model, self.n_bins, self.draws = model, model.n_bins, draws
         self.register_buffer("sums", torch.zeros(3 + draws, dtype=torch.float64), persistent=False)
         self.seen: list[Tensor] = []
         self.per_image: list[Tensor] = []
@@ -75,6 +75,7 @@ class BpdEvaluation(L.LightningModule):
 
 
 def evaluate_bpd(
+    *,
     ckpt: str,
     data_root: str,
     split: str = "test",
@@ -86,17 +87,13 @@ def evaluate_bpd(
     num_workers: int = 0,
 ) -> dict:
     """Bits/dim of ``ckpt`` on ``split`` of the prepared data at ``data_root``; writes JSON to ``out``."""
-    from glowlab.jobs.common import load_glow, write_json
+    from glowlab.jobs.common import check_data, load_image_model, write_json
     from glowlab.training.datamodule import ShardDataModule
 
-    model, n_bins = load_glow(ckpt, "cpu")
+    model = load_image_model(ckpt, "cpu")
+    check_data(model, ckpt, data_root)
     data = ShardDataModule(root=data_root, eval_batch_size=batch_size, num_workers=num_workers, test_split=split)
-    if data.n_bins != n_bins or data.image_shape != model.image_shape:
-        raise ValueError(
-            f"{ckpt} models {model.image_shape} images with {n_bins} bins; {data_root} has "
-            f"{data.image_shape} with {data.n_bins} bins"
-        )
-    evaluation = BpdEvaluation(model, n_bins, draws)
+    evaluation = BpdEvaluation(model, draws)
     trainer = L.Trainer(
         accelerator=accelerator, devices=devices, logger=False, enable_progress_bar=True, enable_model_summary=False
     )

@@ -1,4 +1,4 @@
-"""Shared pieces of the jobs: loading checkpoints, choosing devices, images for display."""
+"""Shared pieces of the jobs: loading a model, checking it against data, devices, result files."""
 
 from __future__ import annotations
 
@@ -7,28 +7,61 @@ from pathlib import Path
 
 import torch
 
-from glowlab.models import Glow
+from glowlab.data.shards import DataContract, data_contract
+from glowlab.models import FlowModel, MultiscaleFlow
 
 
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def load_glow(ckpt: str | Path, device: str | None = None) -> tuple[Glow, int]:
-    """The Glow of a ``glowlab fit`` checkpoint, in eval mode on ``device``, and its ``n_bins``."""
-    from glowlab.training.module import GlowModule
+def load_image_model(ckpt: str | Path, device: str | None = None) -> MultiscaleFlow:
+    """The image model of ``--ckpt`` (a checkpoint or an exported folder), in eval mode."""
+    from glowlab.models.io import load
 
-    path = Path(ckpt)
-    if not path.is_file():
-        raise FileNotFoundError(f"--ckpt {path}: no such checkpoint")
-    module = GlowModule.load_from_checkpoint(path, map_location=device or default_device())
-    return module.model.eval(), int(module.hparams.n_bins)
+    model = load(ckpt, device or default_device())
+    if not isinstance(model, MultiscaleFlow):
+        raise ValueError(f"--ckpt {ckpt}: a vector flow of the density lab; this job needs an image model")
+    return model
+
+
+def load_vector_model(ckpt: str | Path, device: str = "cpu") -> FlowModel:
+    """The vector flow of ``--ckpt`` (a density-lab checkpoint or an exported folder), in eval mode."""
+    from glowlab.models.io import load
+
+    model = load(ckpt, device)
+    if not isinstance(model, FlowModel):
+        raise ValueError(f"--ckpt {ckpt}: an image model; this job needs a vector flow of the density lab")
+    return model
+
+
+def check_data(model: MultiscaleFlow, ckpt: str | Path, root: str, n_bits: int | None = None) -> DataContract:
+    """The data contract of ``root``, which must match the model's: shape, grey levels, classes.
+
+    The one check every job that puts data through a trained image model makes; the message
+    names both sides.
+    """
+    data = data_contract(root, n_bits=n_bits)
+    mismatch = (
+        data.image_shape != model.image_shape
+        or data.n_bins != model.n_bins
+        or (model.num_classes is not None and (data.num_classes is None or data.num_classes > model.num_classes))
+    )
+    if mismatch:
+        classes = f", {model.num_classes} classes" if model.num_classes else ""
+        shape = "x".join(map(str, model.image_shape))
+        raise ValueError(
+            f"{ckpt} models {shape} images with {model.n_bins} grey levels{classes}; {root} holds {data.describe()}"
+        )
+    return data
 
 
 def write_json(path: str | Path, payload: dict) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=2) + "\n")
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(payload, indent=2) + "\n")
+    partial.replace(path)
     return path
 
 

@@ -1,56 +1,18 @@
-"""The density lab's jobs: train every family on every data set into one NLL table; load models."""
+"""The density lab's job: train every family on every data set into one held-out NLL table."""
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
-import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
-import torch
-
-from glowlab.jobs.common import log_to_wandb, write_json
-from glowlab.models.density import FlowModel
-
-
-def load_density(ckpt: str | Path, device: str = "cpu") -> tuple[FlowModel, dict[str, Any]]:
-    """The flow model of a density-lab checkpoint, in eval mode, and its hyperparameters."""
-    from glowlab.training.density import DensityModule
-
-    path = Path(ckpt)
-    if not path.is_file():
-        raise FileNotFoundError(f"--ckpt {path}: no such checkpoint")
-    module = DensityModule.load_from_checkpoint(path, map_location=device)
-    return module.model.eval(), dict(module.hparams)
-
-
-def checkpoint_kind(ckpt: str | Path) -> str:
-    """``"density"`` for a density-lab checkpoint, ``"glow"`` for an image model's."""
-    path = Path(ckpt)
-    if not path.is_file():
-        raise FileNotFoundError(f"--ckpt {path}: no such checkpoint")
-    hparams = torch.load(path, map_location="cpu", weights_only=False).get("hyper_parameters", {})
-    if "family" in hparams:
-        return "density"
-    if "levels" in hparams:
-        return "glow"
-    raise ValueError(f"--ckpt {path}: neither a glowlab image model nor a density-lab checkpoint")
-
-
-def log_likelihoods(model: FlowModel, x: torch.Tensor, batch_size: int = 4096) -> torch.Tensor:
-    """Per-vector log-density in nats, shape (N,), in batches (with autograd where a family needs it)."""
-    with torch.enable_grad():
-        return torch.cat([model.log_prob(part).detach() for part in x.split(batch_size)])
-
-
-def mean_and_stderr(values: torch.Tensor) -> tuple[float, float]:
-    """Mean and standard error of a 1-D tensor."""
-    values = values.double()
-    n = values.numel()
-    return float(values.mean()), float(values.std(unbiased=True) / math.sqrt(n)) if n > 1 else 0.0
+from glowlab.jobs.common import load_vector_model, log_to_wandb, write_json
+from glowlab.likelihood import mean_and_stderr
+from glowlab.models.density import log_densities
+from glowlab.plots import density_panel, plot_bound
 
 
 def dataset_name(source: str) -> str:
@@ -61,7 +23,7 @@ def dataset_name(source: str) -> str:
 def _cell(config: Path, source: str, out: Path, max_steps: int | None, seed: int, accelerator: str) -> dict:
     """Train one family (config) on one data set, evaluate its best checkpoint; the cell's result."""
     from glowlab.training.cli import DensityCLI, density_trainer_defaults
-    from glowlab.training.density import DensityModule, VectorDataModule, density_panel, plot_bound
+    from glowlab.training.density import DensityModule, VectorDataModule
 
     name = dataset_name(source)
     cell = out / config.stem / name
@@ -79,11 +41,11 @@ def _cell(config: Path, source: str, out: Path, max_steps: int | None, seed: int
     cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=str(last) if last.is_file() else None)
     seconds = time.perf_counter() - start
     best = cli.trainer.checkpoint_callback.best_model_path or str(last)
-    model, hparams = load_density(best)
+    model = load_vector_model(best)
     data = cli.datamodule
-    nll, stderr = mean_and_stderr(-log_likelihoods(model, data.tensor("test")))
+    nll, stderr = mean_and_stderr(-log_densities(model, data.tensor("test")))
     result = {
-        "family": hparams["family"],
+        "family": model.config.family,
         "config": config.stem,
         "data": name,
         "test_nll": nll,
@@ -132,6 +94,7 @@ def write_table(results: Sequence[dict], out: Path) -> Path:
 
 
 def run_lab(
+    *,
     configs: Sequence[str | Path],
     datasets: Sequence[str],
     out: str | Path = "runs/lab",
@@ -168,3 +131,29 @@ def run_lab(
         wandb_project, "lab", {"configs": [str(p) for p in paths], "datasets": list(datasets)}, images, metrics
     )
     return table
+
+
+def lab_main(argv: list[str]) -> Path:
+    """``glowlab lab``: train each density config on each data set; write the held-out NLL table."""
+    from glowlab.data.toy import TOY_DATASETS
+
+    parser = argparse.ArgumentParser(prog="glowlab lab", description=lab_main.__doc__)
+    parser.add_argument("--configs", nargs="+", required=True, help="density configs (configs/density/*.yaml)")
+    parser.add_argument(
+        "--datasets", nargs="+", default=list(TOY_DATASETS), help="toy data set names and/or .npz/.csv files"
+    )
+    parser.add_argument("--max-steps", type=int, help="override every config's trainer.max_steps")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--accelerator", default="cpu")
+    parser.add_argument("--out", default="runs/lab")
+    parser.add_argument("--wandb-project")
+    args = parser.parse_args(argv)
+    return run_lab(
+        configs=args.configs,
+        datasets=args.datasets,
+        out=args.out,
+        max_steps=args.max_steps,
+        seed=args.seed,
+        accelerator=args.accelerator,
+        wandb_project=args.wandb_project,
+    )

@@ -19,6 +19,7 @@ from torchmetrics.image.fid import FrechetInceptionDistance, _compute_fid
 from glowlab.data.prepare import sha256_of
 from glowlab.jobs.classifier import CLASSIFIER_FILE, load_classifier, manifest_digest, to_uint8
 from glowlab.likelihood import quantize
+from glowlab.models import MultiscaleFlow
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 FEATURES = ("inception", "classifier")
@@ -119,8 +120,7 @@ def real_statistics(
 
 def generated_statistics(
     metric: FrechetInceptionDistance,
-    model,
-    n_bins: int,
+    model: MultiscaleFlow,
     num_samples: int,
     temperature: float,
     batch_size: int,
@@ -143,7 +143,7 @@ def generated_statistics(
             y = torch.randint(model.num_classes, (n,), generator=generator, device=device)
         with torch.no_grad():
             x = model.decode(model.sample_latents(n, temperature, generator), y)
-        metric.update(to_uint8(quantize(x, n_bins), n_bins).cpu(), real=False)
+        metric.update(to_uint8(quantize(x, model.n_bins), model.n_bins).cpu(), real=False)
         drawn += n
     return drawn
 
@@ -163,6 +163,7 @@ def fid_from_stats(real: dict[str, Tensor], fake: dict[str, Tensor]) -> float:
 
 
 def evaluate_fid(
+    *,
     ckpt: str,
     data_root: str,
     num_samples: int = 10000,
@@ -185,22 +186,17 @@ def evaluate_fid(
 
     With ``parts > 1`` this writes only this part's statistics, for :func:`merge_fid`.
     """
-    from glowlab.data.shards import read_manifest
-    from glowlab.jobs.common import load_glow, write_json
+    from glowlab.jobs.common import check_data, load_image_model, write_json
 
     if not 0 <= part < parts:
         raise ValueError(f"--part {part} must be in 0..{parts - 1}")
     metric, extractor = make_metric(features, data_root, inception_weights_path, classifier)  # weights first: fail fast
-    model, n_bins = load_glow(ckpt, device)
-    manifest = read_manifest(data_root)
-    if tuple(manifest["image_shape"]) != model.image_shape:
-        raise ValueError(
-            f"{ckpt} generates {model.image_shape} images; {data_root} holds {tuple(manifest['image_shape'])}"
-        )
+    model = load_image_model(ckpt, device)
+    check_data(model, ckpt, data_root)
     cache_dir = Path(cache_dir) if cache_dir else Path.home() / ".cache" / "glowlab" / "fid"
-    cache = real_statistics(metric, extractor, data_root, split, n_bins, batch_size, cache_dir, real_limit)
+    cache = real_statistics(metric, extractor, data_root, split, model.n_bins, batch_size, cache_dir, real_limit)
     drawn = generated_statistics(
-        metric, model, n_bins, num_samples, temperature, batch_size, seed, part, parts, progress
+        metric, model, num_samples, temperature, batch_size, seed=seed, part=part, parts=parts, progress=progress
     )
     info = {
         "checkpoint": str(ckpt),

@@ -16,7 +16,10 @@ from pathlib import Path
 
 import torch
 
-from glowlab.jobs.density import checkpoint_kind, load_density, log_likelihoods
+from glowlab.data.tabular import load_vector_splits
+from glowlab.jobs.common import check_data
+from glowlab.models import FlowModel, MultiscaleFlow
+from glowlab.models.density import log_densities
 
 
 def _write_rows(path: Path, header: list[str], rows: list[list]) -> Path:
@@ -30,12 +33,14 @@ def _write_rows(path: Path, header: list[str], rows: list[list]) -> Path:
     return path
 
 
-def score_vectors(ckpt: str | Path, data: str, split: str, out: Path, seed: int = 0) -> dict:
-    """Scores of the vectors of ``data`` (a toy name or a .npz/.csv file) under a density-lab model."""
-    from glowlab.training.density import load_vector_splits
+def score_vectors(
+    model: FlowModel, ckpt: str | Path, data: str, split: str, out: Path, drawn: dict, seed: int = 0
+) -> dict:
+    """Scores of the vectors of ``data`` (a toy name or a .npz/.csv file) under a density-lab model.
 
-    model, hp = load_density(ckpt)
-    drawn = torch.load(ckpt, map_location="cpu", weights_only=False).get("datamodule_hyper_parameters", {})
+    ``drawn`` is how the model's data module drew its data (a checkpoint records it), so a toy set
+    is drawn again exactly as it was for training.
+    """
     sizes = {"n_train": 20000, "n_val": 2000, "n_test": 5000, "seed": seed}
     if drawn.get("source") == data:
         # A toy set is regenerated exactly as the model's data module drew it (same sizes and seed).
@@ -44,16 +49,18 @@ def score_vectors(ckpt: str | Path, data: str, split: str, out: Path, seed: int 
     if split not in splits:
         raise ValueError(f"--split {split!r}: {data} has splits {', '.join(sorted(splits))}")
     x = torch.as_tensor(splits[split], dtype=next(model.parameters()).dtype)
-    if x.shape[1] != hp["features"]:
-        raise ValueError(f"{data}: vectors have {x.shape[1]} features but {ckpt} models {hp['features']}")
-    log_prob = log_likelihoods(model, x).double()
+    if x.shape[1] != model.features:
+        raise ValueError(f"{data}: vectors have {x.shape[1]} features but {ckpt} models {model.features}")
+    log_prob = log_densities(model, x).double()
     bpd = -log_prob / (x.shape[1] * math.log(2.0))
     rows = [[i, f"{lp:.6f}", f"{b:.6f}"] for i, (lp, b) in enumerate(zip(log_prob.tolist(), bpd.tolist(), strict=True))]
     _write_rows(out, ["index", "log_likelihood_nats", "bits_per_dim"], rows)
     return {"count": len(rows), "mean_log_likelihood": float(log_prob.mean()), "out": str(out)}
 
 
-def score_images(ckpt: str | Path, data: str, split: str, out: Path, batch_size: int = 256) -> dict:
+def score_images(
+    model: MultiscaleFlow, ckpt: str | Path, data: str, split: str, out: Path, batch_size: int = 256
+) -> dict:
     """Scores of the images of a prepared data set under a Glow/RealNVP/NICE checkpoint.
 
     The log-likelihood is that of the discrete image (``-bpd · D · log 2`` nats), with each image's
@@ -62,17 +69,11 @@ def score_images(ckpt: str | Path, data: str, split: str, out: Path, batch_size:
     import lightning as L
 
     from glowlab.jobs.bpd import BpdEvaluation
-    from glowlab.jobs.common import load_glow
     from glowlab.training.datamodule import ShardDataModule
 
-    model, n_bins = load_glow(ckpt, "cpu")
+    check_data(model, ckpt, data)
     datamodule = ShardDataModule(root=data, eval_batch_size=batch_size, test_split=split)
-    if datamodule.n_bins != n_bins or datamodule.image_shape != model.image_shape:
-        raise ValueError(
-            f"{ckpt} models {model.image_shape} images with {n_bins} bins; {data} has "
-            f"{datamodule.image_shape} with {datamodule.n_bins} bins"
-        )
-    evaluation = BpdEvaluation(model, n_bins, draws=1)
+    evaluation = BpdEvaluation(model, draws=1)
     trainer = L.Trainer(accelerator="auto", devices=1, logger=False, enable_progress_bar=False)
     trainer.test(evaluation, datamodule=datamodule, verbose=False)
     indices, bpd = evaluation.scores()
@@ -82,12 +83,34 @@ def score_images(ckpt: str | Path, data: str, split: str, out: Path, batch_size:
     return {"count": len(rows), "mean_bits_per_dim": float(bpd.double().mean()), "out": str(out)}
 
 
-def score(ckpt: str | Path, data: str, split: str = "test", out: str | Path = "scores.csv") -> dict:
+def score(*, ckpt: str | Path, data: str, split: str = "test", out: str | Path = "scores.csv") -> dict:
     """Per-sample scores as CSV (``index, log_likelihood_nats, bits_per_dim``) for either model kind."""
+    from glowlab.models.io import load, model_from_checkpoint, read_checkpoint
+
     out = Path(out)
-    if checkpoint_kind(ckpt) == "density":
-        result = score_vectors(ckpt, data, split, out)
+    drawn: dict = {}
+    if Path(ckpt).is_dir():
+        model = load(ckpt)
+    else:  # read once: the model, and how its data module drew the data
+        checkpoint = read_checkpoint(ckpt)
+        model = model_from_checkpoint(checkpoint, ckpt)
+        drawn = checkpoint.get("datamodule_hyper_parameters", {})
+    if isinstance(model, MultiscaleFlow):
+        result = score_images(model, ckpt, data, split, out)
     else:
-        result = score_images(ckpt, data, split, out)
+        result = score_vectors(model, ckpt, data, split, out, drawn)
     print(f"scored {result['count']} samples of {data} ({split}) -> {out}")
     return result
+
+
+def main(argv: list[str]) -> dict:
+    """``glowlab score``: per-sample log-likelihood and bits/dim as CSV (see the typical-set caveat in the docs)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="glowlab score", description=main.__doc__)
+    parser.add_argument("--ckpt", required=True, help="image or density-lab checkpoint, or an exported model folder")
+    parser.add_argument("--data", required=True, help="prepared image folder, toy data set name or .npz/.csv file")
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--out", default="scores.csv")
+    args = parser.parse_args(argv)
+    return score(ckpt=args.ckpt, data=args.data, split=args.split, out=args.out)

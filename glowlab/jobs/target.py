@@ -7,6 +7,9 @@ radial and CNF layers give both in one pass, coupling flows in one pass each way
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import json
 import math
 import statistics
 import time
@@ -18,9 +21,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from glowlab.jobs.common import log_to_wandb, write_json
-from glowlab.jobs.density import load_density, mean_and_stderr
-from glowlab.models.density import FlowModel, make_vector_flow
+from glowlab.jobs.common import load_vector_model, log_to_wandb, write_json
+from glowlab.likelihood import mean_and_stderr
+from glowlab.models.density import FlowModel, VectorFlowConfig, log_densities
+from glowlab.models.io import save_model
 from glowlab.plots import grid_points, save_heatmap, save_panels, save_scatter
 from glowlab.targets import ENERGIES, energy, energy_window, log_normaliser
 
@@ -78,12 +82,11 @@ def kl_estimate(
 def _grid_log_density(model: FlowModel, bound: float, resolution: int) -> np.ndarray:
     points, _ = grid_points(bound, resolution)
     grid = torch.as_tensor(points, dtype=next(model.parameters()).dtype)
-    with torch.enable_grad():
-        values = torch.cat([model.log_prob(part).detach() for part in grid.split(4096)])
-    return values.double().numpy().reshape(resolution, resolution)
+    return log_densities(model, grid).double().numpy().reshape(resolution, resolution)
 
 
 def fit_target(
+    *,
     target: str,
     out: str | Path,
     family: str = "realnvp",
@@ -103,8 +106,9 @@ def fit_target(
     """Fit a 2-D flow to ``exp(-U)`` of a built-in energy by reverse KL; report the KL in nats.
 
     The KL uses the target's log-normaliser from numerical integration (``glowlab.targets``), so it
-    is the true ``KL(q || p)``, zero for a perfect fit. Writes ``metrics.json``, ``model.pt`` and
-    ``target.png`` (target density | model density | model samples) to ``out``.
+    is the true ``KL(q || p)``, zero for a perfect fit. Writes ``metrics.json``, the model as an
+    exported folder ``model/`` (:func:`glowlab.load` reads it) and ``target.png`` (target density |
+    model density | model samples) to ``out``.
     """
     if target not in ENERGIES:
         raise ValueError(f"--target {target!r} is not one of {', '.join(ENERGIES)}")
@@ -118,7 +122,16 @@ def fit_target(
         "hidden_layers": hidden_layers,
         "options": options or {},
     }
-    model = FlowModel(make_vector_flow(family, 2, layers, hidden_features, hidden_layers, options), 2)
+    model = FlowModel.from_config(
+        VectorFlowConfig(
+            features=2,
+            family=family,
+            layers=layers,
+            hidden_features=hidden_features,
+            hidden_layers=hidden_layers,
+            options=options,
+        )
+    )
     start = time.perf_counter()
     losses = reverse_kl_train(
         model,
@@ -149,7 +162,6 @@ def fit_target(
         save_scatter(drawn, out / "model-samples.png", bound),
     ]
     panel = save_panels(parts, out / "target.png", labels=["target", "flow density", "flow samples"])
-    torch.save({"config": config, "state_dict": model.state_dict()}, out / "model.pt")
     metrics = {
         **config,
         "kl": kl,
@@ -160,6 +172,7 @@ def fit_target(
         "final_loss": losses[-1] if losses else None,
     }
     write_json(out / "metrics.json", metrics)
+    save_model(model, out / "model", {"kl": kl, "kl_stderr": stderr}, {"target": target}, source="glowlab fit-target")
     print(f"{target}: KL(q || p) = {kl:.4f} ± {stderr:.4f} nats ({family}, {steps} steps) -> {out}")
     log_to_wandb(wandb_project, "fit-target", config, {"target": panel}, {"kl": kl})
     return metrics
@@ -179,6 +192,7 @@ def _sampling_seconds(model: FlowModel, n: int, repeats: int = 5) -> float:
 
 
 def distill(
+    *,
     teacher: str | Path,
     out: str | Path,
     family: str | None = None,
@@ -195,23 +209,20 @@ def distill(
     The student has the teacher's architecture (``maf`` -> ``iaf``, ``maf-spline`` -> ``iaf-spline``,
     or ``family``) and standardisation. Reports ``KL(student || teacher)`` and
     ``KL(teacher || student)`` in nats, and the sampling speed-up (median wall time of drawing
-    ``timing_samples`` vectors, teacher over student). The student is saved as a density-lab
-    checkpoint (``student.ckpt``), usable by every job that takes one.
+    ``timing_samples`` vectors, teacher over student). The student is saved as an exported model
+    folder (``student/``), which every job takes in place of a checkpoint.
 
     References: van den Oord et al., "Parallel WaveNet: Fast High-Fidelity Speech Synthesis", ICML 2018.
     """
-    from glowlab.training.density import DensityModule
-
-    teacher_model, hp = load_density(teacher)
-    student_family = family or STUDENTS.get(hp["family"])
+    teacher_model = load_vector_model(teacher)
+    teacher_config = teacher_model.config
+    student_family = family or STUDENTS.get(teacher_config.family)
     if student_family is None:
-        raise ValueError(f"teacher family {hp['family']!r} has no default student: pass --family")
+        raise ValueError(f"teacher family {teacher_config.family!r} has no default student: pass --family")
     for p in teacher_model.parameters():
         p.requires_grad_(False)
     torch.manual_seed(seed)
-    student_hp = {**hp, "family": student_family}
-    student = DensityModule(**student_hp)
-    model = student.model
+    model = FlowModel.from_config(dataclasses.replace(teacher_config, family=student_family))
     start = time.perf_counter()
     reverse_kl_train(
         model, lambda x, beta: teacher_model.log_prob(x), steps, batch_size, lr, seed, log_every=max(1, steps // 10)
@@ -224,23 +235,12 @@ def distill(
     teacher_s = _sampling_seconds(teacher_model, timing_samples)
     student_s = _sampling_seconds(model, timing_samples)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    ckpt = out / "student.ckpt"
-    import lightning
-
-    torch.save(
-        {
-            "state_dict": student.state_dict(),
-            "hyper_parameters": student_hp,
-            "pytorch-lightning_version": lightning.__version__,
-        },
-        ckpt,
-    )
+    student = out / "student"
     metrics = {
         "teacher": str(teacher),
-        "teacher_family": hp["family"],
+        "teacher_family": teacher_config.family,
         "student_family": student_family,
-        "features": hp["features"],
+        "features": teacher_config.features,
         "kl_student_teacher": kl,
         "kl_student_teacher_stderr": kl_se,
         "kl_teacher_student": forward_kl,
@@ -251,8 +251,9 @@ def distill(
         "timing_samples": timing_samples,
         "steps": steps,
         "train_seconds": round(seconds, 1),
-        "checkpoint": str(ckpt),
+        "student": str(student),
     }
+    save_model(model, student, {"kl_student_teacher": kl}, {"teacher": str(teacher)}, source="glowlab distill")
     write_json(out / "metrics.json", metrics)
     print(
         f"student {student_family}: KL(student || teacher) {kl:.4f} ± {kl_se:.4f}, "
@@ -261,3 +262,77 @@ def distill(
     )
     log_to_wandb(wandb_project, "distill", {"teacher": str(teacher), "family": student_family}, {}, metrics)
     return metrics
+
+
+def _options(text: str | None) -> dict:
+    """``--options`` as JSON (``'{"bins": 16}'``); an error names the option on bad input."""
+
+    if not text:
+        return {}
+    try:
+        options = json.loads(text)
+    except json.JSONDecodeError as exn:
+        raise ValueError(f"--options is not valid JSON: {exn}") from exn
+    if not isinstance(options, dict):
+        raise ValueError("--options must be a JSON object, like '{\"bins\": 16}'")
+    return options
+
+
+def _flow_args(parser: argparse.ArgumentParser, family: str) -> None:
+    parser.add_argument("--family", default=family, help="flow family (see docs/density-lab.md)")
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--hidden-features", type=int, default=64)
+    parser.add_argument("--hidden-layers", type=int, default=2)
+    parser.add_argument("--options", help="family options as JSON, e.g. '{\"bins\": 16}'")
+
+
+def _reverse_kl_args(parser: argparse.ArgumentParser, steps: int) -> None:
+    """Optimisation options shared by the reverse-KL jobs (fit-target, distill)."""
+    parser.add_argument("--steps", type=int, default=steps)
+    parser.add_argument("--batch-size", type=int, default=512)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--wandb-project")
+
+
+def _reverse_kl_kwargs(args: argparse.Namespace) -> dict:
+    return {
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "seed": args.seed,
+        "wandb_project": args.wandb_project,
+    }
+
+
+def fit_target_main(argv: list[str]) -> dict:
+    """``glowlab fit-target``: fit a flow to exp(-U) of a built-in 2-D energy by reverse KL."""
+    parser = argparse.ArgumentParser(prog="glowlab fit-target", description=fit_target_main.__doc__)
+    parser.add_argument("--target", required=True, choices=ENERGIES)
+    _flow_args(parser, "realnvp")
+    _reverse_kl_args(parser, steps=5000)
+    parser.add_argument("--anneal-steps", type=int, default=1000, help="inverse temperature 0.01 -> 1 over these")
+    parser.add_argument("--out", help="default: runs/target/TARGET-FAMILY")
+    args = parser.parse_args(argv)
+    return fit_target(
+        target=args.target,
+        out=args.out or f"runs/target/{args.target}-{args.family}",
+        family=args.family,
+        layers=args.layers,
+        hidden_features=args.hidden_features,
+        hidden_layers=args.hidden_layers,
+        options=_options(args.options),
+        anneal_steps=args.anneal_steps,
+        **_reverse_kl_kwargs(args),
+    )
+
+
+def distill_main(argv: list[str]) -> dict:
+    """``glowlab distill``: an IAF student trained on a MAF teacher's density (one-pass sampling)."""
+    parser = argparse.ArgumentParser(prog="glowlab distill", description=distill_main.__doc__)
+    parser.add_argument("--teacher", required=True, help="density-lab checkpoint (or exported folder) of a MAF")
+    parser.add_argument("--family", help="student family (default: iaf for maf, iaf-spline for maf-spline)")
+    _reverse_kl_args(parser, steps=3000)
+    parser.add_argument("--out", default="runs/distill")
+    args = parser.parse_args(argv)
+    return distill(teacher=args.teacher, out=args.out, family=args.family, **_reverse_kl_kwargs(args))

@@ -1,6 +1,25 @@
 """Generative models built from :mod:`glowlab.flows`."""
 
 from glowlab.models.density import FAMILIES, FlowModel, make_vector_flow
-from glowlab.models.glow import STEPS, FlowStep, Glow, GlowOutput
+from glowlab.models.multiscale import (
+    ARCHITECTURES,
+    FlowStep,
+    Glow,
+    Level,
+    MultiscaleConfig,
+    MultiscaleFlow,
+    MultiscaleOutput,
+)
 
-__all__ = ["FAMILIES", "STEPS", "FlowModel", "FlowStep", "Glow", "GlowOutput", "make_vector_flow"]
+__all__ = [
+    "ARCHITECTURES",
+    "FAMILIES",
+    "FlowModel",
+    "FlowStep",
+    "Glow",
+    "Level",
+    "MultiscaleConfig",
+    "MultiscaleFlow",
+    "MultiscaleOutput",
+    "make_vector_flow",
+]

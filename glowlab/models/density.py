@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -11,12 +12,13 @@ import torch
 from torch import Tensor, nn
 
 from glowlab.flows.autoregressive import IAF, MAF
-from glowlab.flows.base import Flow, FlowSequence, standard_normal_log_prob
+from glowlab.flows.base import Flow, FlowSequence, choose, standard_normal_log_prob
 from glowlab.flows.continuous import CNF
 from glowlab.flows.elementwise import ElementwiseAffine, ElementwiseSpline, LeakyReLU, PiecewiseLinear
 from glowlab.flows.linear import LULinear
 from glowlab.flows.planar import Planar, Radial
 from glowlab.flows.residual import AdditiveResidual, InvertibleResidual
+from glowlab.flows.standardize import Standardize
 from glowlab.flows.vector_coupling import VectorCoupling
 
 
@@ -83,11 +85,9 @@ def make_vector_flow(
     and ``logdet`` for iResNet, ``divergence`` and ``adjoint`` for CNF); an option the family's
     layer does not take is an error naming it.
     """
-    if family not in FAMILIES:
-        raise ValueError(f"family={family!r} is not one of {', '.join(map(repr, FAMILIES))}")
+    spec = choose("family", family, FAMILIES)
     if features < 1 or layers < 1:
         raise ValueError(f"features and layers must be >= 1, got features={features}, layers={layers}")
-    spec = FAMILIES[family]
     accepted = _accepted(spec.layer)
     options = dict(options or {})
     fixed = set(spec.preset) | ({spec.alternate[0]} if spec.alternate else set())
@@ -115,6 +115,43 @@ def make_vector_flow(
     return FlowSequence(flows)
 
 
+@dataclass(frozen=True)
+class VectorFlowConfig:
+    """Everything that defines a vector flow of the density lab, its data standardisation included.
+
+    ``family``, ``layers``, ``hidden_features``, ``hidden_layers`` and ``options`` go to
+    :func:`make_vector_flow`; ``mean`` and ``std`` (per feature, from the training data) make the
+    flow's first layer a standardisation, so likelihoods are in the data's own units. ``glowlab
+    density fit`` fills ``features``, ``mean`` and ``std`` from the data.
+
+    References: Papamakarios et al., "Normalizing Flows for Probabilistic Modeling and Inference", JMLR 2021.
+    """
+
+    features: int = 2
+    family: str = "maf"
+    layers: int = 5
+    hidden_features: int = 64
+    hidden_layers: int = 2
+    options: dict[str, Any] | None = None
+    mean: list[float] | None = None
+    std: list[float] | None = None
+
+    def __post_init__(self) -> None:
+        choose("family", self.family, FAMILIES)
+        for name in ("mean", "std"):
+            value = getattr(self, name)
+            if value is not None and len(value) != self.features:
+                raise ValueError(f"{name} has {len(value)} values for features={self.features}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values (JSON-ready): the config as stored in exported models."""
+        return dataclasses.asdict(self)
+
+
+# Checkpoints hold the config: let torch.load(weights_only=True) (Lightning's resume) read it.
+torch.serialization.add_safe_globals([VectorFlowConfig])
+
+
 class FlowModel(nn.Module):
     """A flow over vectors with a standard normal base: ``log p(x) = log N(f(x); 0, I) + log|det df/dx|``.
 
@@ -125,10 +162,22 @@ class FlowModel(nn.Module):
     References: Papamakarios et al., "Normalizing Flows for Probabilistic Modeling and Inference", JMLR 2021.
     """
 
-    def __init__(self, flow: Flow, features: int) -> None:
+    def __init__(self, flow: Flow, features: int, config: VectorFlowConfig | None = None) -> None:
         super().__init__()
         self.flow = flow
         self.features = features
+        self.config = config
+
+    @classmethod
+    def from_config(cls, config: VectorFlowConfig) -> FlowModel:
+        """The standardisation of ``config`` followed by ``config.layers`` layers of its family."""
+        body = make_vector_flow(
+            config.family, config.features, config.layers, config.hidden_features, config.hidden_layers, config.options
+        )
+        features = config.features
+        mean = config.mean if config.mean is not None else [0.0] * features
+        standardize = Standardize(mean, config.std or [1.0] * features)
+        return cls(FlowSequence([standardize, *body.layers]), features, config)
 
     def _check(self, x: Tensor) -> None:
         if x.ndim != 2 or x.shape[1] != self.features:
@@ -169,3 +218,13 @@ class FlowModel(nn.Module):
         x, logdet = self.flow.inverse_with_logdet(z)
         # log q(x) = log N(z) - log|det dx/dz|
         return x, standard_normal_log_prob(z) - logdet
+
+
+def log_densities(model: FlowModel, x: Tensor, chunk: int = 4096) -> Tensor:
+    """Log-density of every row of ``x`` (N, D) in nats, shape (N,), computed ``chunk`` rows at a time.
+
+    Runs with autograd on (iResNet's and CNF's log-determinants differentiate the flow even when
+    evaluating) but keeps no graph, so any N fits in memory.
+    """
+    with torch.enable_grad():
+        return torch.cat([model.log_prob(part).detach() for part in x.split(chunk)])

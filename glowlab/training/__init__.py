@@ -1,13 +1,6 @@
 """The Lightning layer: module, data module, callbacks."""
 
-from glowlab.training.callbacks import (
-    GlowCheckpoint,
-    Preemption,
-    SampleGrid,
-    Throughput,
-    sample_grid,
-    save_sample_grid,
-)
+from glowlab.training.callbacks import GlowCheckpoint, Preemption, SampleGrid, Throughput
 from glowlab.training.datamodule import ShardDataModule
 from glowlab.training.loggers import GlowWandbLogger, ResumableCSVLogger
 from glowlab.training.module import GlowModule
@@ -21,6 +14,4 @@ __all__ = [
     "SampleGrid",
     "ShardDataModule",
     "Throughput",
-    "sample_grid",
-    "save_sample_grid",
 ]

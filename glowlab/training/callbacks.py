@@ -1,4 +1,4 @@
-"""Callbacks: sample grids over temperatures during training."""
+"""Callbacks: sample grids, checkpoints, throughput and preemption during training."""
 
 from __future__ import annotations
 
@@ -12,59 +12,11 @@ from pathlib import Path
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
-from torch import Tensor
-from torchvision.utils import save_image
 
-from glowlab.likelihood import to_unit_range
-from glowlab.models import Glow
-
-
-def sample_grid(
-    model: Glow,
-    n_bins: int,
-    temperatures: Sequence[float],
-    per_row: int,
-    seed: int = 0,
-    min_pixels: int = 32,
-    classes: Sequence[int] | None = None,
-) -> Tensor:
-    """Samples as display intensities in [0, 1], ``per_row`` to a row.
-
-    One row per temperature: the same latent noise (from ``seed``) scaled by each temperature, so
-    rows differ only in temperature; conditional models get labels 0, 1, 2, ... along each row.
-    With ``classes`` (conditional models), one row per class instead, at the first temperature.
-    Images smaller than ``min_pixels`` are enlarged with nearest-neighbour so 8x8 digits are legible.
-    """
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(seed)
-    base = model.sample_latents(per_row, 1.0, generator)
-    if classes is not None:
-        if not model.num_classes:
-            raise ValueError("classes need a class-conditional model (num_classes set)")
-        bad = [c for c in classes if not 0 <= c < model.num_classes]
-        if bad:
-            raise ValueError(f"class {bad[0]} is not in 0..{model.num_classes - 1}")
-        rows = [(temperatures[0], torch.full((per_row,), c, device=device)) for c in classes]
-    else:
-        y = torch.arange(per_row, device=device) % model.num_classes if model.num_classes else None
-        rows = [(t, y) for t in temperatures]
-    with torch.no_grad():
-        images = torch.cat([model.decode([t * z for z in base], y) for t, y in rows])  # (rows * per_row, C, H, W)
-    model.train(was_training)
-    return display(images, n_bins, min_pixels)
-
-
-def display(x: Tensor, n_bins: int, min_pixels: int = 32) -> Tensor:
-    """Model-space images as [0, 1] intensities on the CPU, enlarged (nearest) to ``min_pixels``."""
-    images = to_unit_range(x, n_bins).float().cpu()
-    scale = max(1, -(-min_pixels // images.shape[-1]))
-    return F.interpolate(images, scale_factor=scale, mode="nearest") if scale > 1 else images
+from glowlab.images import sample_grid, save_sample_grid
 
 
 def run_directory(trainer: L.Trainer) -> Path:
@@ -79,14 +31,6 @@ def run_directory(trainer: L.Trainer) -> Path:
             return Path(logger.log_dir)
         return Path(logger.save_dir or trainer.default_root_dir)
     return Path(trainer.default_root_dir)
-
-
-def save_sample_grid(images: Tensor, per_row: int, path: str | Path) -> Path:
-    """Write ``images`` (N, C, H, W) in [0, 1] as a PNG grid with ``per_row`` images a row."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_image(images, path, nrow=per_row, padding=2, pad_value=1.0)
-    return path
 
 
 class SampleGrid(L.Callback):
@@ -113,7 +57,7 @@ class SampleGrid(L.Callback):
         self.last_path: Path | None = None
 
     def _save(self, trainer: L.Trainer, pl_module: L.LightningModule, name: str) -> None:
-        images = sample_grid(pl_module.model, pl_module.hparams.n_bins, self.temperatures, self.per_row, self.seed)
+        images = sample_grid(pl_module.model, self.temperatures, self.per_row, self.seed)
         self.last_path = save_sample_grid(images, self.per_row, run_directory(trainer) / "samples" / name)
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):

@@ -2,23 +2,69 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import sys
+from pathlib import Path
 from typing import Any
 
+import yaml
 from lightning.pytorch.cli import LightningCLI
 
+from glowlab.models import MultiscaleConfig
+from glowlab.models.density import VectorFlowConfig
+from glowlab.models.multiscale import RENAMED
 from glowlab.training.callbacks import run_directory
+
+
+def moved_key_message(args: list[str] | None, config_class: type) -> str | None:
+    """A message for a model option given by its old name, or None.
+
+    The model's options became one config object, ``model.flow``: ``model.levels`` is now
+    ``model.flow.levels``, and ``flow.step`` / ``flow.memory`` are ``flow.architecture`` /
+    ``flow.backprop``. Looks at ``--model.X`` arguments and at the ``model`` section of every
+    ``--config`` file, so an old config fails with the new key named, not a parser error.
+    """
+    fields = {f.name for f in dataclasses.fields(config_class)}
+    args = sys.argv[1:] if args is None else [str(a) for a in args]
+    found: list[str] = []
+    for i, arg in enumerate(args):
+        if arg.startswith("--model."):
+            found.append(arg[2:].split("=", 1)[0])
+        if arg in ("--config", "-c") and i + 1 < len(args) and Path(args[i + 1]).is_file():
+            section = (yaml.safe_load(Path(args[i + 1]).read_text()) or {}).get("model") or {}
+            if isinstance(section, dict):
+                found += [f"model.{key}" for key in section]
+                flow = section.get("flow") or {}
+                if isinstance(flow, dict):
+                    found += [f"model.flow.{key}" for key in flow]
+    for key in found:
+        parts = key.split(".")
+        if len(parts) == 2 and (parts[1] in fields or parts[1] in RENAMED):
+            name = RENAMED.get(parts[1], parts[1])
+            return f"{key} is now model.flow.{name} (the model's options are one config object, model.flow)"
+        if len(parts) == 3 and parts[1] == "flow" and parts[2] in RENAMED:
+            return f"{key} is now called model.flow.{RENAMED[parts[2]]}"
+    return None
 
 
 class ResultsCLI(LightningCLI):
     """LightningCLI with ``--test_after_fit`` and a ``test_results.json`` in the run folder.
 
-    Subclasses name the monitored ``metric`` and describe the data in :meth:`results`.
+    Subclasses name the monitored ``metric``, the model's config class (``model.flow``) and describe
+    the data in :meth:`results`; an option given by its old name stops with the new name.
 
     References: Falcon et al., PyTorch Lightning, 2019.
     """
 
     metric = "test_bpd"
+    flow_config: type = MultiscaleConfig
+
+    def parse_arguments(self, parser, args) -> None:
+        message = moved_key_message(args if isinstance(args, list | tuple) or args is None else [], self.flow_config)
+        if message is not None:
+            parser.error(message)
+        super().parse_arguments(parser, args)
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument(
@@ -34,7 +80,7 @@ class ResultsCLI(LightningCLI):
         checkpoint = self.trainer.checkpoint_callback
         best = checkpoint.best_model_path if checkpoint is not None else ""
         self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best or None)
-        self._write_test_results(best or "final weights")
+        self._write_test_results(str(Path(best).resolve()) if best else "final weights")
 
     def after_test(self) -> None:
         self._write_test_results(str(self.config[self.subcommand].get("ckpt_path")))
@@ -61,8 +107,8 @@ class GlowCLI(ResultsCLI):
 
     def add_arguments_to_parser(self, parser) -> None:
         # The data decides what the model sees: one source of truth for shape and quantization.
-        parser.link_arguments("data.image_shape", "model.image_shape", apply_on="instantiate")
-        parser.link_arguments("data.n_bins", "model.n_bins", apply_on="instantiate")
+        parser.link_arguments("data.image_shape", "model.flow.image_shape", apply_on="instantiate")
+        parser.link_arguments("data.n_bins", "model.flow.n_bins", apply_on="instantiate")
         super().add_arguments_to_parser(parser)
 
     def results(self) -> dict[str, Any]:
@@ -81,11 +127,12 @@ class DensityCLI(ResultsCLI):
     """
 
     metric = "test_nll"
+    flow_config = VectorFlowConfig
 
     def add_arguments_to_parser(self, parser) -> None:
-        parser.link_arguments("data.features", "model.features", apply_on="instantiate")
-        parser.link_arguments("data.mean", "model.mean", apply_on="instantiate")
-        parser.link_arguments("data.std", "model.std", apply_on="instantiate")
+        parser.link_arguments("data.features", "model.flow.features", apply_on="instantiate")
+        parser.link_arguments("data.mean", "model.flow.mean", apply_on="instantiate")
+        parser.link_arguments("data.std", "model.flow.std", apply_on="instantiate")
         super().add_arguments_to_parser(parser)
 
     def results(self) -> dict[str, Any]:
@@ -93,7 +140,7 @@ class DensityCLI(ResultsCLI):
         return {
             "num_test_vectors": len(data.splits["test"]),
             "data": data.hparams.source,
-            "family": self.model.hparams.family,
+            "family": self.model.model.config.family,
         }
 
 

@@ -9,7 +9,15 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from glowlab.data.shards import BAD_SAMPLE_POLICIES, Augment, ShardStream, read_manifest, shard_counts, shard_urls
+from glowlab.data.shards import (
+    BAD_SAMPLE_POLICIES,
+    Augment,
+    ShardStream,
+    data_contract,
+    read_manifest,
+    shard_counts,
+    shard_urls,
+)
 from glowlab.likelihood import dequantize, per_sample_uniform
 
 
@@ -88,18 +96,12 @@ class ShardDataModule(L.LightningDataModule):
             raise ValueError("data.batch_size and data.eval_batch_size must be >= 1")
         # Reading the manifest here (a small file, no download) lets the model take its shape from it.
         self.manifest = read_manifest(root)
-        stored_bins = int(self.manifest["n_bins"])
-        n_bits = self.manifest.get("n_bits_hint") if n_bits is None else n_bits
-        if n_bits is not None:
-            if stored_bins != 256:
-                raise ValueError(f"data.n_bits={n_bits}: {root} stores {stored_bins} grey levels, not 8-bit data")
-            if not 1 <= n_bits <= 8:
-                raise ValueError(f"data.n_bits must be in 1..8, got {n_bits}")
+        self.contract = data_contract(root, self.manifest, n_bits)
         self.root = root
-        self.n_bits = n_bits
-        self.n_bins = 2**n_bits if n_bits is not None else stored_bins
-        self.image_shape = tuple(int(v) for v in self.manifest["image_shape"])
-        self.num_classes: int | None = self.manifest.get("num_classes")
+        self.n_bits = self.contract.n_bits
+        self.n_bins = self.contract.n_bins
+        self.image_shape = self.contract.image_shape
+        self.num_classes: int | None = self.contract.num_classes
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.num_workers, self.shuffle_buffer = num_workers, shuffle_buffer
         self.augment = Augment(hflip, max_shift) if hflip or max_shift else None

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -14,46 +13,12 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics import MeanMetric
 
-from glowlab.data.tabular import load_vectors, split_vectors, standardise
-from glowlab.data.toy import TOY_DATASETS, toy_splits
-from glowlab.flows.base import FlowSequence, check_option
-from glowlab.flows.standardize import Standardize
-from glowlab.models.density import FlowModel, make_vector_flow
-from glowlab.plots import grid_points, save_heatmap, save_panels, save_scatter
+from glowlab.data.tabular import SPLITS, load_vector_splits, standardise
+from glowlab.flows.base import check_option
+from glowlab.models.density import FlowModel, VectorFlowConfig
+from glowlab.plots import density_panel, plot_bound
 from glowlab.training.callbacks import run_directory
 from glowlab.training.module import OPTIMIZERS, optimizer_with_warmup
-
-SPLITS = ("train", "val", "test")
-
-
-def load_vector_splits(
-    source: str, n_train: int, n_val: int, n_test: int, seed: int
-) -> tuple[dict[str, np.ndarray], str]:
-    """Train/val/test arrays of a toy data set (by name) or of a user's ``.npz``/``.csv`` file.
-
-    Files with ``train``/``val``/``test`` arrays keep their splits (a missing ``val`` or ``test`` is
-    carved out of ``train``); a single array is split 80/10/10 with ``seed``. Returns the splits and
-    a short name for the data set.
-    """
-    if source in TOY_DATASETS:
-        return toy_splits(source, n_train, n_val, n_test, seed), source
-    path = Path(source)
-    if path.suffix.lower() not in (".npz", ".csv", ".txt"):
-        raise ValueError(
-            f"data.source={source!r} is neither a toy data set ({', '.join(TOY_DATASETS)}) nor a .npz/.csv/.txt file"
-        )
-    arrays = load_vectors(path)
-    if "all" in arrays:
-        splits = split_vectors(arrays["all"], seed=seed)
-    else:
-        if "train" not in arrays:
-            raise ValueError(f"{path}: has splits {sorted(arrays)} but no 'train'")
-        splits = dict(arrays)
-        for missing in ("val", "test"):
-            if missing not in splits:
-                carved = split_vectors(splits["train"], fractions=(0.9, 0.1, 0.0), seed=seed)
-                splits["train"], splits[missing] = carved["train"], carved["val"]
-    return splits, path.stem
 
 
 class VectorDataModule(L.LightningDataModule):
@@ -121,23 +86,16 @@ class DensityModule(L.LightningModule):
     """Trains a :class:`~glowlab.models.density.FlowModel` of any family by maximum likelihood.
 
     The loss is the mean negative log-likelihood in nats per vector, of the data in its own units:
-    the data's standardisation (``mean``, ``std``, from the data module) is the flow's first layer.
-    ``family``, ``layers``, ``hidden_features``, ``hidden_layers`` and ``options`` go to
-    :func:`~glowlab.models.density.make_vector_flow`.
+    the data's standardisation (``flow.mean``, ``flow.std``, from the data module) is the flow's
+    first layer. ``flow`` is the model's config (:class:`~glowlab.models.density.VectorFlowConfig`;
+    ``model.flow.*`` on the command line), stored in checkpoints.
 
     References: Papamakarios et al., "Normalizing Flows for Probabilistic Modeling and Inference", JMLR 2021.
     """
 
     def __init__(
         self,
-        features: int = 2,
-        family: str = "maf",
-        layers: int = 5,
-        hidden_features: int = 64,
-        hidden_layers: int = 2,
-        options: dict[str, Any] | None = None,
-        mean: list[float] | None = None,
-        std: list[float] | None = None,
+        flow: VectorFlowConfig = VectorFlowConfig(),
         optimizer: str = "adam",
         lr: float = 1e-3,
         weight_decay: float = 0.0,
@@ -145,10 +103,10 @@ class DensityModule(L.LightningModule):
     ) -> None:
         super().__init__()
         check_option("model.optimizer", optimizer, tuple(OPTIMIZERS))
+        if isinstance(flow, dict):  # a config given (or linked by the CLI) as plain values
+            flow = VectorFlowConfig(**flow)
         self.save_hyperparameters()
-        body = make_vector_flow(family, features, layers, hidden_features, hidden_layers, options)
-        standardize = Standardize(mean if mean is not None else [0.0] * features, std or [1.0] * features)
-        self.model = FlowModel(FlowSequence([standardize, *body.layers]), features)
+        self.model = FlowModel.from_config(flow)
         self.eval_metrics = nn.ModuleDict({f"{stage}_nll": MeanMetric() for stage in ("val", "test")})
 
     def _nll(self, batch: list[Tensor]) -> Tensor:
@@ -175,56 +133,6 @@ class DensityModule(L.LightningModule):
 
     def configure_optimizers(self) -> Any:
         return optimizer_with_warmup(self, self.hparams)
-
-
-def plot_bound(points: np.ndarray, margin: float = 1.1) -> float:
-    """Half-width of a square window around the origin holding ``points`` (at least 1)."""
-    return max(1.0, float(np.abs(points).max()) * margin) if len(points) else 4.0
-
-
-@torch.no_grad()
-def density_panel(
-    model: FlowModel,
-    data: np.ndarray,
-    path: str | Path,
-    bound: float,
-    resolution: int = 128,
-    samples: int = 5000,
-    seed: int = 0,
-    chunk: int = 4096,
-) -> dict[str, float]:
-    """Save "data | model log-density | model samples" for a 2-D model and return the grid mass.
-
-    The returned ``mass`` is the model density summed over the plotted window, a quick check that
-    the model is normalised (close to 1 when the window holds the data).
-    """
-    if model.features != 2:
-        raise ValueError(f"density plots need 2-D data, got D={model.features}")
-    was_training = model.training
-    model.eval()
-    p = next(model.parameters())
-    points, cell_area = grid_points(bound, resolution)
-    grid = torch.as_tensor(points, dtype=p.dtype, device=p.device)
-    with torch.enable_grad():
-        log_density = torch.cat([model.log_prob(part).detach() for part in grid.split(chunk)]).double().cpu().numpy()
-    generator = torch.Generator(device=p.device).manual_seed(seed)
-    drawn = model.sample(samples, generator=generator).double().cpu().numpy()
-    model.train(was_training)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    parts = [
-        save_scatter(data, path.with_name(path.stem + "-data.png"), bound),
-        save_heatmap(
-            log_density.reshape(resolution, resolution),
-            path.with_name(path.stem + "-logp.png"),
-            scale=max(1, 256 // resolution),  # the scatter panels' 256 pixels
-            dynamic_range=10.0,
-        ),
-        save_scatter(drawn, path.with_name(path.stem + "-samples.png"), bound),
-    ]
-    save_panels(parts, path, labels=["data", "log density", "samples"])
-    finite = np.isfinite(log_density)
-    return {"mass": float(np.exp(log_density[finite]).sum() * cell_area)}
 
 
 class DensityPlots(L.Callback):

@@ -14,7 +14,7 @@ from torchmetrics import MeanMetric
 
 from glowlab.flows.base import check_option
 from glowlab.likelihood import bits_per_dim
-from glowlab.models import Glow
+from glowlab.models import MultiscaleConfig, MultiscaleFlow
 from glowlab.training.capture import CapturedStep
 
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamax": torch.optim.Adamax}
@@ -67,10 +67,12 @@ def configure_clipping(module: L.LightningModule, gradient_clip_val: float | Non
 class GlowModule(L.LightningModule):
     """Trains :class:`glowlab.models.Glow`; the loss is the negative log-likelihood in bits/dim.
 
-    For class-conditional models (``num_classes``) the loss adds ``class_weight`` times the class
-    cross-entropy in bits per image, as in the paper's code. The learning rate warms up linearly over
-    ``warmup_steps`` optimizer steps. ``image_shape`` and ``n_bins`` come from the data module when
-    run through the ``glowlab`` CLI; they are stored in checkpoints so a model can sample without data.
+    ``flow`` is the model's config (:class:`~glowlab.models.MultiscaleConfig`; ``model.flow.*`` on the
+    command line); its ``image_shape`` and ``n_bins`` come from the data module when run through the
+    ``glowlab`` CLI, and it is stored in checkpoints, so a model loads without data or Lightning
+    (:func:`glowlab.load`). For class-conditional models (``flow.num_classes``) the loss adds
+    ``class_weight`` times the class cross-entropy in bits per image, as in the paper's code. The
+    learning rate warms up linearly over ``warmup_steps`` optimizer steps.
 
     The training step never waits for the device: no value is read back on the host between the
     batch and the optimizer step. Two options take the host further out of the loop, and change
@@ -92,18 +94,7 @@ class GlowModule(L.LightningModule):
 
     def __init__(
         self,
-        image_shape: tuple[int, int, int] = (3, 32, 32),
-        n_bins: int = 256,
-        levels: int = 3,
-        steps: int = 32,
-        hidden_channels: int = 512,
-        coupling: str = "affine",
-        permutation: str = "lu",
-        learn_top: bool = True,
-        num_classes: int | None = None,
-        memory: str = "standard",
-        step: str = "glow",
-        memory_format: str = "channels_last",
+        flow: MultiscaleConfig = MultiscaleConfig(),
         class_weight: float = 0.01,
         optimizer: str = "adamax",
         lr: float = 1e-3,
@@ -114,22 +105,11 @@ class GlowModule(L.LightningModule):
     ) -> None:
         super().__init__()
         check_option("model.optimizer", optimizer, tuple(OPTIMIZERS))
-        if n_bins < 2:
-            raise ValueError(f"n_bins must be >= 2, got {n_bins}")
+        if isinstance(flow, dict):  # a config given (or linked by the CLI) as plain values
+            flow = MultiscaleConfig(**flow)
         self.save_hyperparameters()
-        self.model = Glow(
-            image_shape=tuple(image_shape),
-            levels=levels,
-            steps=steps,
-            hidden_channels=hidden_channels,
-            coupling=coupling,
-            permutation=permutation,
-            learn_top=learn_top,
-            num_classes=num_classes,
-            memory=memory,
-            step=step,
-            memory_format=memory_format,
-        )
+        self.model = MultiscaleFlow(flow)
+        num_classes = flow.num_classes
         # Evaluation averages per image over all ranks exactly (sums and counts are all-reduced).
         names = ["bpd", "class_bits", "class_acc"] if num_classes else ["bpd"]
         self.eval_metrics = nn.ModuleDict(
@@ -145,7 +125,7 @@ class GlowModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        num_classes = self.hparams.num_classes
+        num_classes = self.model.num_classes
         if num_classes and datamodule is not None:
             found = getattr(datamodule, "num_classes", None)
             if found is None:
@@ -159,7 +139,7 @@ class GlowModule(L.LightningModule):
         Pure tensor work, with no value read back on the host: what a captured step records.
         """
         out = self.model.evaluate(x, y)
-        values = {"bpd": bits_per_dim(out.log_prob, self.model.num_dims, self.hparams.n_bins)}
+        values = {"bpd": bits_per_dim(out.log_prob, self.model.num_dims, self.model.n_bins)}
         loss = values["bpd"].mean()
         if out.class_logits is not None:
             values["class_bits"] = F.cross_entropy(out.class_logits, y, reduction="none") / math.log(2.0)  # per image
