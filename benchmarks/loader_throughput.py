@@ -2,7 +2,9 @@
 
 Prepares a synthetic 32x32 RGB data set with `glowlab prepare` in a temporary folder, then measures
 (1) the training loader (ShardDataModule: shard reading, PNG decoding, shuffle buffer, random
-shifts, dequantization) with ``--workers`` worker processes, and (2) full training steps (forward,
+shifts, dequantization) with ``--workers`` worker processes, with and without the check of every
+shard's sha256 against the manifest (once per shard and process), and the hashing rate behind
+that check, and (2) full training steps (forward,
 backward, Adamax step) of the paper's CIFAR-10 Glow (L=3, K=32, width 512, affine, LU) on the same
 machine, and prints both and their ratio. A ratio well above 1 means the model, not the loader,
 sets the pace.
@@ -22,6 +24,7 @@ import numpy as np
 import torch
 
 from glowlab.data import PrepareOptions, load_source, prepare
+from glowlab.data.prepare import sha256_of
 from glowlab.likelihood import bits_per_dim
 from glowlab.models import Glow
 from glowlab.training import ShardDataModule
@@ -39,8 +42,15 @@ def synthetic_cifar(path: Path, n: int) -> Path:
     return path
 
 
-def loader_throughput(root: Path, workers: int, batch_size: int, batches: int) -> float:
-    data = ShardDataModule(root=str(root), batch_size=batch_size, num_workers=workers, shuffle_buffer=2000, max_shift=3)
+def loader_throughput(root: Path, workers: int, batch_size: int, batches: int, verify: bool = True) -> float:
+    data = ShardDataModule(
+        root=str(root),
+        batch_size=batch_size,
+        num_workers=workers,
+        shuffle_buffer=2000,
+        max_shift=3,
+        verify_shards=verify,
+    )
     loader = iter(data.train_dataloader())
     for _ in range(3):  # workers start and fill their shuffle buffers
         next(loader)
@@ -91,10 +101,21 @@ def main() -> None:
         options = PrepareOptions(shard_size=2000, val_fraction=0.05, test_fraction=0.05)
         prepare(load_source("npz", str(npz)), Path(tmp) / "shards", options, workers=args.workers, progress=False)
         prepared = args.images / (time.perf_counter() - start)
-        loader = loader_throughput(Path(tmp) / "shards", args.workers, args.batch_size, args.loader_batches)
+        shards = Path(tmp) / "shards"
+        loader = loader_throughput(shards, args.workers, args.batch_size, args.loader_batches)
+        unchecked = loader_throughput(shards, args.workers, args.batch_size, args.loader_batches, verify=False)
+        files = sorted(shards.glob("train-*.tar"))
+        start = time.perf_counter()
+        for f in files:
+            sha256_of(f)
+        hashing = sum(f.stat().st_size for f in files) / 2**20 / (time.perf_counter() - start)
+        shard_mib = sum(f.stat().st_size for f in files) / 2**20 / len(files)
     model = model_throughput(args.device, args.model_batch_size, args.model_steps)
     print(f"prepare            {prepared:10.1f} images/s  ({args.workers} processes, PNG shards of 2000)")
     print(f"loader             {loader:10.1f} images/s  (32x32x3, {args.workers} workers, batch {args.batch_size})")
+    print(f"loader, unchecked  {unchecked:10.1f} images/s  (the same without the sha256 of each shard)")
+    each = 1000 * shard_mib / hashing
+    print(f"sha256 of shards   {hashing:10.1f} MiB/s     ({shard_mib:.1f} MiB a shard: {each:.0f} ms each)")
     print(
         f"training (CIFAR)   {model:10.1f} images/s  (L=3 K=32 width 512, batch {args.model_batch_size}, {args.device})"
     )

@@ -8,12 +8,14 @@ when it runs, so ``glowlab prepare`` starts without loading torch or Lightning.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 DESCRIPTION = """glowlab: train and evaluate multiscale Glow models.
 
 subcommands: fit, validate, test, predict (LightningCLI; see `glowlab fit --help`), and
   prepare       write a data set as WebDataset shards (`glowlab prepare --help`)
+  verify        check every shard of a prepared data set against its manifest
   sample        PNG grids over temperatures or classes
   evaluate      bpd | fid | fid-merge | train-classifier, results as JSON
   interpolate   latent interpolation between real images
@@ -35,6 +37,7 @@ COMMANDS = {
     "evaluate": ("glowlab.jobs.evaluate", "main"),
     "score": ("glowlab.jobs.score", "main"),
     "export": ("glowlab.jobs.export", "main"),
+    "verify": ("glowlab.jobs.verify", "main"),
     "lab": ("glowlab.jobs.density", "lab_main"),
     "fit-target": ("glowlab.jobs.target", "fit_target_main"),
     "distill": ("glowlab.jobs.target", "distill_main"),
@@ -84,30 +87,44 @@ def _close_distributed() -> None:
 def _run(argv: list[str] | None) -> None:
     explicit = argv
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] and argv[0] in COMMANDS:
-        module, function = COMMANDS[argv[0]]
-        try:
+    command = argv[0] if argv else "fit"
+    try:
+        if argv[:1] and argv[0] in COMMANDS:
+            module, function = COMMANDS[argv[0]]
             getattr(importlib.import_module(module), function)(argv[1:])
-        except (OSError, ValueError, KeyError, RuntimeError) as exn:
-            # Problems with files, options or data: one clear line, no traceback.
-            print(f"glowlab {argv[0]}: error: {exn}", file=sys.stderr)
-            raise SystemExit(2) from exn
-        return
-    if argv[:1] == ["density"]:
-        density_cli(argv[1:])
-        return
-    from glowlab.training.cli import GlowCLI
-    from glowlab.training.datamodule import ShardDataModule
-    from glowlab.training.module import GlowModule
+        elif argv[:1] == ["density"]:
+            command = " ".join(argv[:2])
+            density_cli(argv[1:])
+        else:
+            from glowlab.training.cli import GlowCLI
+            from glowlab.training.datamodule import ShardDataModule
+            from glowlab.training.module import GlowModule
 
-    GlowCLI(
-        GlowModule,
-        ShardDataModule,
-        args=None if explicit is None else argv,  # None: LightningCLI reads sys.argv itself
-        parser_kwargs={"description": DESCRIPTION},
-        # A requeued SLURM job logs to the same folder again: its resolved config is the same.
-        save_config_kwargs={"overwrite": True},
-    )
+            GlowCLI(
+                GlowModule,
+                ShardDataModule,
+                args=None if explicit is None else argv,  # None: LightningCLI reads sys.argv itself
+                parser_kwargs={"description": DESCRIPTION},
+                # A requeued SLURM job logs to the same folder again: its resolved config is the same.
+                save_config_kwargs={"overwrite": True},
+            )
+    except (OSError, ValueError, KeyError, RuntimeError) as exn:
+        # Problems with files, options, data or a diverging run: one clear line, no traceback
+        # (GLOWLAB_TRACEBACK=1 shows it).
+        if os.environ.get("GLOWLAB_TRACEBACK"):
+            raise
+        print(f"glowlab {command}: error: {_message(exn)}", file=sys.stderr)
+        raise SystemExit(2) from exn
+
+
+def _message(exn: BaseException) -> str:
+    """The message of ``exn``, or of the exception behind it when the parser wrapped it."""
+    cause = exn.__cause__ or exn.__context__
+    text = str(exn)
+    # jsonargparse wraps a failing constructor in a long parser error; the cause is the point.
+    if cause is not None and ("Problem with given class_path" in text or "init_args" in text):
+        return _message(cause)
+    return text.strip() or type(exn).__name__
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.utils import save_image
 
+from glowlab.files import write_atomic
 from glowlab.likelihood import bin_centers, to_unit_range
 from glowlab.models import MultiscaleFlow
 
@@ -63,10 +64,9 @@ def display(x: Tensor, n_bins: int, min_pixels: int = 32) -> Tensor:
 
 def save_sample_grid(images: Tensor, per_row: int, path: str | Path) -> Path:
     """Write ``images`` (N, C, H, W) in [0, 1] as a PNG grid with ``per_row`` images a row."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_image(images, path, nrow=per_row, padding=2, pad_value=1.0)
-    return path
+    if not bool(torch.isfinite(images).all()):
+        raise ValueError(f"refusing to write {path}: the images hold non-finite values")
+    return write_atomic(path, lambda f: save_image(images, f, format="png", nrow=per_row, padding=2, pad_value=1.0))
 
 
 def slerp(a: Tensor, b: Tensor, t: float) -> Tensor:

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from glowlab.files import write_atomic
 from glowlab.models.density import FlowModel, log_densities
 
 # A dark-to-light colour map of our own: blue-black, violet, magenta, orange, pale yellow. Its
@@ -72,10 +73,7 @@ def _with_strip(image: Image.Image, texts: Sequence[tuple[int, str]]) -> Image.I
 def _save(image: Image.Image, path: str | Path, title: str | None) -> Path:
     if title:
         image = _with_strip(image, [(0, title)])
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path, format="PNG")
-    return path
+    return write_atomic(path, lambda f: image.save(f, format="PNG"))
 
 
 def save_heatmap(

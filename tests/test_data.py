@@ -57,8 +57,16 @@ def test_npz_source_layouts_and_errors(tmp_path) -> None:
     np.savez(bad, pictures=images)
     with pytest.raises(KeyError, match=r"bad.npz: no 'images'"):
         load_source("npz", str(bad))
-    np.savez(bad, images=images.astype(np.float32))
-    with pytest.raises(TypeError, match=r"bad.npz: 'images' must be uint8"):
+    floats = images.astype(np.float32)
+    floats[0, 0, 0, 0] = np.nan
+    np.savez(bad, images=floats)
+    with pytest.raises(ValueError, match=r"bad.npz: 'images' holds float32 values; .* takes uint8"):
+        load_source("npz", str(bad))
+    np.savez(bad, images=np.zeros((0, 4, 4, 3), np.uint8))
+    with pytest.raises(ValueError, match=r"bad.npz: 'images' holds no images"):
+        load_source("npz", str(bad))
+    bad.write_text("a text file, not a zip archive")
+    with pytest.raises(ValueError, match=r"bad.npz: not a readable .npz archive"):
         load_source("npz", str(bad))
     np.savez(bad, images=images, labels=np.array([0, 1, -1, 0, 0]))
     with pytest.raises(ValueError, match=r"bad.npz: 'labels' has negative"):
@@ -411,10 +419,14 @@ def test_bad_input_is_an_error_naming_shard_and_key(tmp_path, damage: str, messa
         with pytest.raises(DataError, match=r"val-000000.tar: 1500 bytes, the manifest says"):
             ShardDataModule(root=str(root)).val_dataloader()
         _fix_size(root, shard.name)
-    with pytest.raises(DataError, match=message):
+    # The shard's sha256 no longer matches: refused before any sample is read.
+    with pytest.raises(DataError, match=r"val-000000.tar: its sha256 is .*the shard changed after prepare"):
         list(ShardDataModule(root=str(root), eval_batch_size=4).val_dataloader())
+    # Without the checksum (verify_shards off), the decoder's own checks name the shard and key.
+    with pytest.raises(DataError, match=message):
+        list(ShardDataModule(root=str(root), eval_batch_size=4, verify_shards=False).val_dataloader())
     # Opt-in: skip, warn and count; the good samples still arrive.
-    dm = ShardDataModule(root=str(root), eval_batch_size=4, bad_samples="skip")
+    dm = ShardDataModule(root=str(root), eval_batch_size=4, bad_samples="skip", verify_shards=False)
     with pytest.warns(UserWarning, match="skipped"):
         batches = list(dm.val_dataloader())
     assert dm.skipped_samples >= 1

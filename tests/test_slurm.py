@@ -98,9 +98,9 @@ def test_train_sbatch_requeues_on_usr1_and_resumes_without_losing_steps(trained)
     env, job, run_dir, log = trained["env"], trained["job"], trained["run_dir"], trained["log"]
     text = log.read_text()
     assert job_field(env, job, "JobState") == "COMPLETED", text[-3000:]
-    hpc = sorted(run_dir.glob("hpc_ckpt_*.ckpt"))
-    assert hpc, text[-3000:]
-    interrupted_at = torch.load(hpc[-1], weights_only=False)["global_step"]
+    preempted = run_dir / "logs" / "run" / "checkpoints" / "preempted.ckpt"
+    assert preempted.is_file() and not list(run_dir.glob("hpc_ckpt_*.ckpt")), text[-3000:]
+    interrupted_at = torch.load(preempted, weights_only=False)["global_step"]
     assert 0 < interrupted_at < MAX_STEPS
     assert "resuming from" in text and "Restored all states from the checkpoint" in text
     last = torch.load(run_dir / "logs" / "run" / "checkpoints" / "last.ckpt", weights_only=False)

@@ -16,6 +16,7 @@ Re-running with the same options keeps the finished shards and writes the rest.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -29,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from glowlab.data.sources import ImageSource
+from glowlab.files import write_text
 
 FORMAT = "glowlab-webdataset"
 VERSION = 1
@@ -190,39 +192,92 @@ def prepare(
     overwrite: bool = False,
     progress: bool = True,
 ) -> dict:
-    """Write ``source`` as shards under ``out`` and return the manifest (also written to ``out``)."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    request = {"source": {"kind": source.kind, "location": source.location, "count": len(source)}, **asdict(options)}
-    journal = out / "prepare.json"
-    if journal.exists():
-        previous = json.loads(journal.read_text())
-        if previous != request:
-            if not overwrite:
-                raise FileExistsError(
-                    f"{out} holds a preparation with other options ({journal}); "
-                    "pass --overwrite to replace it or choose another --out"
-                )
-            _remove_ours(out)
-        elif (out / "manifest.json").exists():
-            manifest = json.loads((out / "manifest.json").read_text())
-            if progress:
-                print(f"{out}: already prepared with these options; nothing to do")
-            return manifest
-    elif (out / "manifest.json").exists() or any(out.glob("*.tar")):
-        if not overwrite:
-            raise FileExistsError(f"{out} already holds shards or a manifest; pass --overwrite to replace them")
-        _remove_ours(out)
-    _write_atomic(journal, json.dumps(request, indent=2) + "\n")
-    for stale in out.glob("*.partial"):
-        stale.unlink()
+    """Write ``source`` as shards under ``out`` and return the manifest (also written to ``out``).
 
+    One ``prepare`` writes into a folder at a time (a lock; a second one stops with an error). The
+    journal ``prepare.json`` records the options, a fingerprint of the source and the files this
+    preparation writes: running the same command again resumes an interrupted run (finished shards
+    are kept) or, on a complete one, checks every shard against the manifest and rebuilds exactly
+    the missing or changed ones. A changed source stops with an error rather than mixing old and
+    new images. ``overwrite`` replaces a preparation with other options, deleting only the files
+    its journal (or manifest) lists, never other files in ``out``.
+    """
+    out = Path(out)
+    if len(source) == 0:
+        raise ValueError(f"{source.location or source.kind}: the source holds no images")
+    if options.n_bits_hint is not None and source.n_bins != 256:
+        raise ValueError(
+            f"--n-bits {options.n_bits_hint}: {source.location or source.kind} has {source.n_bins} grey levels; "
+            "--n-bits keeps the top bits of 8-bit (256-level) data only"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    with _folder_lock(out):
+        return _prepare_locked(source, out, options, workers, overwrite, progress)
+
+
+def _prepare_locked(
+    source: ImageSource, out: Path, options: PrepareOptions, workers: int, overwrite: bool, progress: bool
+) -> dict:
     order = plan_splits(source, options)
-    shape = _expected_shape(source, order, options)
     tasks = list(_tasks(order, options.shard_size))
-    done = {p.name for p in out.glob("*.tar")}
-    entries = [_shard_entry(out / t.name, t) for t in tasks if t.name in done]
-    todo = [t for t in tasks if t.name not in done]
+    names = [t.name for t in tasks]
+    request = {
+        "source": {
+            "kind": source.kind,
+            "location": source.location,
+            "count": len(source),
+            "fingerprint": source.fingerprint(),
+        },
+        **asdict(options),
+    }
+    journal_path, manifest_path = out / "prepare.json", out / "manifest.json"
+    journal = _read_journal(journal_path)
+    previous = _read_json(manifest_path)
+    if journal is not None and journal["request"] != request:
+        old = journal["request"]
+        same_source = {k: v for k, v in old.get("source", {}).items() if k != "fingerprint"} == {
+            k: v for k, v in request["source"].items() if k != "fingerprint"
+        }
+        changed = same_source and old.get("source", {}).get("fingerprint") != request["source"]["fingerprint"]
+        if not overwrite:
+            if changed and {k: v for k, v in old.items() if k != "source"} == asdict(options):
+                raise FileExistsError(
+                    f"{source.location or source.kind} changed since {out} was prepared from it ({journal_path}): "
+                    "resuming or repairing would mix old and new images; pass --overwrite to prepare it anew"
+                )
+            raise FileExistsError(
+                f"{out} holds a preparation with other options ({journal_path}); "
+                "pass --overwrite to replace it or choose another --out"
+            )
+        _remove_ours(out, journal["files"], previous)
+        journal, previous = None, None
+    elif journal is None and previous is not None:
+        if not overwrite:
+            raise FileExistsError(f"{out} already holds a prepared data set; pass --overwrite to replace it")
+        _remove_ours(out, [], previous)
+        previous = None
+    foreign = [n for n in names if (out / n).exists() and (journal is None or n not in journal["files"])]
+    if foreign:
+        raise FileExistsError(f"{out / foreign[0]}: a file glowlab prepare did not write has a shard's name")
+    _write_atomic(journal_path, json.dumps({"request": request, "files": names}, indent=2) + "\n")
+    for name in names:
+        (out / (name + ".partial")).unlink(missing_ok=True)
+
+    shape = _expected_shape(source, order, options)
+    recorded = {s["name"]: s for split in (previous or {}).get("splits", {}).values() for s in split["shards"]}
+    entries, todo = [], []
+    for task in tasks:
+        path = out / task.name
+        if path.exists() and (not recorded or _matches(path, recorded.get(task.name))):
+            entries.append(_shard_entry(path, task))
+        else:
+            if recorded and path.exists() and progress:
+                print(f"{path}: differs from the manifest; rebuilding it")
+            todo.append(task)
+    if previous is not None and not todo:
+        if progress:
+            print(f"{out}: already prepared with these options, every shard as the manifest says; nothing to do")
+        return previous
     bar = _progress(sum(len(t.indices) for t in tasks), sum(e["count"] for e in entries), progress, out)
     jobs = [(t, options, str(out), shape) for t in todo]
     if workers > 1 and len(todo) > 1:
@@ -263,8 +318,43 @@ def prepare(
             for split, idx in order.items()
         },
     }
-    _write_atomic(out / "manifest.json", json.dumps(manifest, indent=2) + "\n")
+    _write_atomic(manifest_path, json.dumps(manifest, indent=2) + "\n")
     return manifest
+
+
+def _read_json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _read_journal(path: Path) -> dict | None:
+    """``{"request", "files"}``; a journal of an earlier version (the request alone) lists no files."""
+    found = _read_json(path)
+    if found is None:
+        return None
+    return found if "request" in found else {"request": found, "files": []}
+
+
+def _matches(path: Path, entry: dict | None) -> bool:
+    """Whether a finished shard is what the manifest recorded (size, then sha256)."""
+    return entry is not None and path.stat().st_size == entry["size"] and sha256_of(path) == entry["sha256"]
+
+
+@contextlib.contextmanager
+def _folder_lock(out: Path) -> Iterator[None]:
+    """Hold ``out/.prepare.lock`` for the run; a second ``prepare`` into ``out`` stops at once."""
+    import fcntl
+
+    with open(out / ".prepare.lock", "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exn:
+            raise FileExistsError(
+                f"{out}: another glowlab prepare is writing into it; wait for it to finish or choose another --out"
+            ) from exn
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _expected_shape(source: ImageSource, order: dict[str, np.ndarray], options: PrepareOptions) -> tuple[int, int, int]:
@@ -291,17 +381,18 @@ def _shard_entry(path: Path, task: _ShardTask) -> dict:
     }
 
 
-def _remove_ours(out: Path) -> None:
-    """Delete only what ``prepare`` writes, never other files in ``out``."""
-    for pattern in ("*.tar", "*.partial", "manifest.json", "prepare.json"):
-        for path in out.glob(pattern):
-            path.unlink()
+def _remove_ours(out: Path, files: list[str], manifest: dict | None) -> None:
+    """Delete only what an earlier ``prepare`` wrote (its journal's files, its manifest's shards)."""
+    names = set(files) | {s["name"] for split in (manifest or {}).get("splits", {}).values() for s in split["shards"]}
+    for name in names:
+        for path in (out / name, out / (name + ".partial")):
+            path.unlink(missing_ok=True)
+    for name in ("manifest.json", "prepare.json"):
+        (out / name).unlink(missing_ok=True)
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(text)
-    os.replace(partial, path)
+    write_text(path, text)
 
 
 class _NoBar:

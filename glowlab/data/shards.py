@@ -14,6 +14,7 @@ other. Evaluation makes one pass in order, so every sample is seen exactly once 
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import math
@@ -131,29 +132,81 @@ def shard_urls(root: str, manifest: dict, split: str) -> list[str]:
     return urls
 
 
-def iter_tar(url: str, expected: int | None = None) -> Iterator[dict]:
+# Local shards this process has checked against their manifest sha256: (path, size, mtime_ns).
+_VERIFIED: set[tuple[str, int, int]] = set()
+
+
+def verify_shard(url: str, sha256: str) -> None:
+    """Check a local shard's bytes against the manifest's sha256, once per process and file version.
+
+    A shard whose bytes changed but still decode would otherwise be read without complaint. Hashing
+    runs at disk speed, before the first sample is used, and only the first time this process
+    (a data-loader worker, a rank) opens that file (``benchmarks/loader_throughput.py`` measures
+    the cost). Remote shards (URLs, ``pipe:``) are hashed as they stream in: see :func:`iter_tar`.
+    """
+    path = Path(url)
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key in _VERIFIED:
+        return
+    from glowlab.data.prepare import sha256_of
+
+    found = sha256_of(path)
+    if found != sha256:
+        raise DataError(
+            f"{url}: its sha256 is {found[:16]}..., the manifest's {sha256[:16]}...: the shard changed after "
+            "prepare (run glowlab verify DATA; running the same glowlab prepare again rebuilds it)"
+        )
+    _VERIFIED.add(key)
+
+
+class _Hashing:
+    """A read-only stream that hashes what is read from it (remote shards, checked at their end)."""
+
+    def __init__(self, stream) -> None:
+        self.stream = stream
+        self.digest = hashlib.sha256()
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.stream.read(n)
+        self.digest.update(data)
+        return data
+
+
+def iter_tar(url: str, expected: int | None = None, sha256: str | None = None) -> Iterator[dict]:
     """Samples of one shard as ``{"__key__", "__url__", <ext>: bytes}``, members grouped by key.
 
     Python's tarfile ends quietly at a damaged header after the first member, so the number of
     samples is checked against ``expected`` (the manifest's count): a short shard is an error.
+    With ``sha256`` the shard's bytes are checked too: a local file before its first sample (once
+    per process), a remote one as it streams (an error at its end, naming it).
     """
     import webdataset as wds
 
+    remote = _is_url(url)
+    if sha256 is not None and not remote:
+        verify_shard(url, sha256)
     current: dict | None = None
     seen = 0
+    hashing = None
     try:
-        with wds.gopen(url, "rb") as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                key, _, ext = member.name.partition(".")
-                if current is not None and current["__key__"] != key:
-                    seen += 1
-                    yield current
-                    current = None
-                if current is None:
-                    current = {"__key__": key, "__url__": url}
-                current[ext] = tar.extractfile(member).read()
+        with wds.gopen(url, "rb") as stream:
+            hashing = _Hashing(stream) if sha256 is not None and remote else None
+            with tarfile.open(fileobj=hashing or stream, mode="r|*") as tar:
+                for member in tar:
+                    if not member.isfile():
+                        continue
+                    key, _, ext = member.name.partition(".")
+                    if current is not None and current["__key__"] != key:
+                        seen += 1
+                        yield current
+                        current = None
+                    if current is None:
+                        current = {"__key__": key, "__url__": url}
+                    current[ext] = tar.extractfile(member).read()
+            if hashing is not None:
+                while hashing.read(1 << 20):  # the rest of the stream (tar padding) belongs to the hash
+                    pass
     except (tarfile.TarError, EOFError, OSError) as exn:
         where = f"after key {current['__key__']}" if current else "at the start"
         raise DataError(f"{url}: corrupt or truncated tar {where} ({exn})") from exn
@@ -161,14 +214,20 @@ def iter_tar(url: str, expected: int | None = None) -> Iterator[dict]:
     if expected is not None and seen != expected:
         last = f"key {current['__key__']}" if current else "the start"
         raise DataError(f"{url}: corrupt or truncated tar: it ends at {last} with {seen} of {expected} samples")
+    if hashing is not None and hashing.digest.hexdigest() != sha256:
+        raise DataError(f"{url}: its sha256 differs from the manifest's: the shard changed after prepare")
     if current is not None:  # held back until the count is known good: it may be cut short
         yield current
 
 
 def decode(
-    sample: dict, payload: str, image_shape: tuple[int, int, int], num_classes: int | None
+    sample: dict, payload: str, image_shape: tuple[int, int, int], num_classes: int | None, n_bins: int = 256
 ) -> tuple[np.ndarray, int, int]:
-    """``(image (C, H, W) uint8, label or -1, index)`` of a raw sample, checked against the manifest."""
+    """``(image (C, H, W) uint8, label or -1, index)`` of a raw sample, checked against the manifest.
+
+    Pixel values must be grey levels of the data set (``0..n_bins-1``): a value outside would be
+    silently clipped or mis-binned by dequantization.
+    """
     where = f"{sample['__url__']} key {sample['__key__']}"
     try:
         index = int(sample["__key__"])
@@ -193,6 +252,10 @@ def decode(
     found = (image.shape[2], image.shape[0], image.shape[1]) if image.ndim == 3 else tuple(image.shape)
     if image.dtype != np.uint8 or found != tuple(image_shape):
         raise DataError(f"{where}: image is {image.dtype} {found}, the manifest says uint8 {tuple(image_shape)}")
+    if n_bins < 256 and int(image.max()) >= n_bins:
+        raise DataError(
+            f"{where}: pixel value {int(image.max())} is outside 0..{n_bins - 1}, the manifest's {n_bins} grey levels"
+        )
     label = -1
     if "cls" in sample:
         try:
@@ -270,6 +333,7 @@ class ShardStream(IterableDataset):
         n_bits: int | None = None,
         bad_samples: str = "error",
         skipped: multiprocessing.sharedctypes.Synchronized | None = None,
+        verify: bool = True,
     ) -> None:
         super().__init__()
         if bad_samples not in BAD_SAMPLE_POLICIES:
@@ -278,6 +342,10 @@ class ShardStream(IterableDataset):
         self.payload = manifest["payload"]
         self.image_shape = tuple(manifest["image_shape"])
         self.num_classes = manifest.get("num_classes")
+        self.n_bins = int(manifest["n_bins"])
+        # Each shard's sha256 by file name, checked once per process when ``verify``.
+        shas = {s["name"]: s["sha256"] for split in manifest["splits"].values() for s in split["shards"]}
+        self.sha256 = [shas.get(url.rsplit("/", 1)[-1]) if verify else None for url in self.urls]
         self.batch_size, self.train = batch_size, train
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
         self.seed, self.shuffle_buffer = seed, shuffle_buffer
@@ -304,7 +372,7 @@ class ShardStream(IterableDataset):
         shards, sample_slot = self._assignment(slot, shard_order)
         for s in shards:
             try:
-                for raw in iter_tar(self.urls[s], self.counts[s]):
+                for raw in iter_tar(self.urls[s], self.counts[s], self.sha256[s]):
                     if sample_slot is None or int(raw["__key__"]) % self.slots == sample_slot:
                         yield raw
             except DataError as exn:
@@ -312,7 +380,7 @@ class ShardStream(IterableDataset):
 
     def _decoded(self, raw: dict) -> tuple[np.ndarray, int, int] | None:
         try:
-            return decode(raw, self.payload, self.image_shape, self.num_classes)
+            return decode(raw, self.payload, self.image_shape, self.num_classes, self.n_bins)
         except DataError as exn:
             self._bad(exn)
             return None
@@ -446,11 +514,16 @@ def read_samples(root: str, split: str, indices: list[int] | None = None, limit:
         need = {i for i in wanted if starts[s] <= i < starts[s + 1]}
         if not need:
             continue
-        for raw in iter_tar(url, counts[s]):
+        sha256 = manifest["splits"][split]["shards"][s]["sha256"]
+        for raw in iter_tar(url, counts[s], sha256):
             index = int(raw["__key__"])
             if index in need:
                 image, label, _ = decode(
-                    raw, manifest["payload"], tuple(manifest["image_shape"]), manifest.get("num_classes")
+                    raw,
+                    manifest["payload"],
+                    tuple(manifest["image_shape"]),
+                    manifest.get("num_classes"),
+                    int(manifest["n_bins"]),
                 )
                 attrs = [int(c) for c in raw["attr"].decode()] if "attr" in raw else None
                 found[index] = (image, label, attrs)

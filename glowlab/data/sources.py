@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import pickle
 import tarfile
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +50,27 @@ class ImageSource:
     def describe(self, i: int) -> str:
         return str(self.files[i]) if self.files else f"{self.location or self.kind}[{i}]"
 
+    def fingerprint(self) -> str:
+        """A digest of what the source holds, recorded by ``prepare`` to notice a changed source.
+
+        In-memory sources (digits, npz, CIFAR) hash their pixels, labels and attributes; image
+        folders hash each file's relative path, size and modification time (reading every image
+        of a large folder would take longer than preparing it), so an edited file counts as a change.
+        """
+        digest = hashlib.sha256()
+        if self.arrays is not None:
+            digest.update(np.ascontiguousarray(self.arrays).tobytes())
+        else:
+            root = Path(self.location or ".")
+            for path in self.files:
+                stat = path.stat()
+                digest.update(f"{path.relative_to(root) if path.is_relative_to(root) else path}".encode())
+                digest.update(f":{stat.st_size}:{stat.st_mtime_ns}\n".encode())
+        for extra in (self.labels, self.attributes):
+            if extra is not None:
+                digest.update(np.ascontiguousarray(extra).tobytes())
+        return digest.hexdigest()
+
     def image(self, i: int) -> np.ndarray:
         if self.arrays is not None:
             return self.arrays[i]
@@ -77,15 +100,24 @@ def npz_source(path: str | Path) -> ImageSource:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file (expected an .npz with an 'images' array)")
-    with np.load(path, allow_pickle=False) as npz:
-        if "images" not in npz:
-            raise KeyError(f"{path}: no 'images' array (found: {', '.join(npz.files) or 'nothing'})")
-        images = npz["images"]
-        labels = npz["labels"] if "labels" in npz else None
-        attributes = npz["attributes"] if "attributes" in npz else None
-        names = [str(n) for n in npz["attribute_names"]] if "attribute_names" in npz else None
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            if not hasattr(npz, "files"):
+                raise ValueError("a single .npy array, not an .npz archive")
+            if "images" not in npz:
+                raise KeyError(f"{path}: no 'images' array (found: {', '.join(npz.files) or 'nothing'})")
+            images = npz["images"]
+            labels = npz["labels"] if "labels" in npz else None
+            attributes = npz["attributes"] if "attributes" in npz else None
+            names = [str(n) for n in npz["attribute_names"]] if "attribute_names" in npz else None
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exn:
+        raise ValueError(f"{path}: not a readable .npz archive ({exn})") from exn
     if images.dtype != np.uint8:
-        raise TypeError(f"{path}: 'images' must be uint8, got {images.dtype}")
+        raise ValueError(
+            f"{path}: 'images' holds {images.dtype} values; glowlab prepare npz takes uint8 pixel values (0..255)"
+        )
+    if len(images) == 0:
+        raise ValueError(f"{path}: 'images' holds no images")
     if images.ndim == 3:
         images = images[:, :, :, None]  # (N, H, W) -> (N, H, W, 1)
     if images.ndim != 4 or (images.shape[3] not in (1, 3) and images.shape[1] not in (1, 3)):

@@ -41,6 +41,12 @@ class BpdEvaluation(L.LightningModule):
             log_prob = self.model.log_prob(dequantize(levels, self.n_bins, noise=noise.to(x.device)), y)
             per_draw.append(bits_per_dim(log_prob, self.model.num_dims, self.n_bins).double())
         per_draw_t = torch.stack(per_draw)  # (draws, B)
+        bad = ~torch.isfinite(per_draw_t).all(dim=0)
+        if bool(bad.any()):
+            raise ValueError(
+                f"bits/dim is not finite for image(s) {indices[bad.cpu()].tolist()[:5]}: the model gives them no "
+                "density; no mean is reported over the other images"
+            )
         per_image = per_draw_t.mean(dim=0)
         self.sums += torch.cat(
             [
@@ -87,7 +93,8 @@ def evaluate_bpd(
     num_workers: int = 0,
 ) -> dict:
     """Bits/dim of ``ckpt`` on ``split`` of the prepared data at ``data_root``; writes JSON to ``out``."""
-    from glowlab.jobs.common import check_data, load_image_model, write_json
+    from glowlab.files import write_json
+    from glowlab.jobs.common import check_data, load_image_model
     from glowlab.training.datamodule import ShardDataModule
 
     model = load_image_model(ckpt, "cpu")

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from glowlab.files import write_atomic
+
 CLASSIFIER_FILE = "fid_classifier.pt"
 
 
@@ -104,7 +106,7 @@ def train_classifier(
         "data": manifest_digest(data_root),
         "val_accuracy": accuracy,
     }
-    torch.save(record, path)
+    write_atomic(path, lambda f: torch.save(record, f))
     return {"path": str(path), "val_accuracy": accuracy, "val_images": len(val.labels)}
 
 

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
 from glowlab.data.shards import DataContract, data_contract
 from glowlab.models import FlowModel, MultiscaleFlow
+from glowlab.models.contract import mismatch
 
 
 def default_device() -> str:
@@ -42,27 +42,10 @@ def check_data(model: MultiscaleFlow, ckpt: str | Path, root: str, n_bits: int |
     names both sides.
     """
     data = data_contract(root, n_bits=n_bits)
-    mismatch = (
-        data.image_shape != model.image_shape
-        or data.n_bins != model.n_bins
-        or (model.num_classes is not None and (data.num_classes is None or data.num_classes > model.num_classes))
-    )
-    if mismatch:
-        classes = f", {model.num_classes} classes" if model.num_classes else ""
-        shape = "x".join(map(str, model.image_shape))
-        raise ValueError(
-            f"{ckpt} models {shape} images with {model.n_bins} grey levels{classes}; {root} holds {data.describe()}"
-        )
+    message = mismatch(model.config, data, str(ckpt), root)
+    if message:
+        raise ValueError(message)
     return data
-
-
-def write_json(path: str | Path, payload: dict) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(payload, indent=2) + "\n")
-    partial.replace(path)
-    return path
 
 
 def log_to_wandb(

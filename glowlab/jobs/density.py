@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from glowlab.jobs.common import load_vector_model, log_to_wandb, write_json
+from glowlab.files import write_json, write_text
+from glowlab.jobs.common import load_vector_model, log_to_wandb
 from glowlab.likelihood import mean_and_stderr
 from glowlab.models.density import log_densities
 from glowlab.plots import density_panel, plot_bound
@@ -83,12 +85,13 @@ def write_table(results: Sequence[dict], out: Path) -> Path:
             row.append(f"{r['test_nll']:.3f} ± {r['test_nll_stderr']:.3f}" if r else "")
         lines.append(f"| {config} | " + " | ".join(row) + " |")
     table = out / "table.md"
-    table.write_text("\n".join(lines) + "\n")
-    with (out / "table.csv").open("w", newline="") as f:
-        fields = ["config", "family", "data", "test_nll", "test_nll_stderr", "num_test", "parameters", "steps"]
-        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(results)
+    write_text(table, "\n".join(lines) + "\n")
+    rows = io.StringIO()
+    fields = ["config", "family", "data", "test_nll", "test_nll_stderr", "num_test", "parameters", "steps"]
+    writer = csv.DictWriter(rows, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(results)
+    write_text(out / "table.csv", rows.getvalue())
     write_json(out / "results.json", {"results": list(results)})
     return table
 

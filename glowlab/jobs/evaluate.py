@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 
 
 def main(argv: list[str]) -> dict:
@@ -52,6 +53,10 @@ def main(argv: list[str]) -> dict:
 
     args = parser.parse_args(argv)
     if args.job == "bpd":
+        if not (args.devices == "auto" or (args.devices.isdigit() and int(args.devices) >= 1)):
+            parser.error(f"--devices {args.devices!r}: a number of devices >= 1, or auto")
+        if args.draws < 1:
+            parser.error("--draws must be >= 1")
         from glowlab.jobs.bpd import evaluate_bpd
 
         return evaluate_bpd(
@@ -67,6 +72,11 @@ def main(argv: list[str]) -> dict:
         )
     if args.job == "fid":
         from glowlab.jobs.fid import evaluate_fid
+
+        if args.num_samples < 2:
+            parser.error("--num-samples must be >= 2 (FID needs a covariance)")
+        if not (math.isfinite(args.temperature) and args.temperature >= 0):
+            parser.error(f"--temperature {args.temperature}: a finite number >= 0")
 
         return evaluate_fid(
             ckpt=args.ckpt,

@@ -10,6 +10,7 @@ their statistics.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -17,6 +18,7 @@ from torch import Tensor, nn
 from torchmetrics.image.fid import FrechetInceptionDistance, _compute_fid
 
 from glowlab.data.prepare import sha256_of
+from glowlab.files import write_atomic
 from glowlab.jobs.classifier import CLASSIFIER_FILE, load_classifier, manifest_digest, to_uint8
 from glowlab.likelihood import quantize
 from glowlab.models import MultiscaleFlow
@@ -56,9 +58,12 @@ def make_metric(
     """The metric with its feature extractor, and a fingerprint of that extractor for the cache."""
     if features == "inception":
         weights = inception_weights(inception)
-        metric = FrechetInceptionDistance(
-            feature=2048, feature_extractor_weights_path=str(weights), reset_real_features=False
-        )
+        try:
+            metric = FrechetInceptionDistance(
+                feature=2048, feature_extractor_weights_path=str(weights), reset_real_features=False
+            )
+        except Exception as exn:  # torch.load and state_dict errors of many kinds for a wrong file
+            raise ValueError(f"{weights}: not torch-fidelity's InceptionV3 weights {INCEPTION_FILE} ({exn})") from exn
         metric.inception = _ToRGB(metric.inception)
         return metric, f"inception-{sha256_of(weights)[:12]}"
     if features == "classifier":
@@ -111,10 +116,8 @@ def real_statistics(
         seen += len(levels)
         if limit is not None and seen >= limit:
             break
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".partial")
-    torch.save(_stats(metric, "real"), partial)
-    partial.replace(path)
+    stats = _stats(metric, "real")
+    write_atomic(path, lambda f: torch.save(stats, f))
     return path
 
 
@@ -143,6 +146,8 @@ def generated_statistics(
             y = torch.randint(model.num_classes, (n,), generator=generator, device=device)
         with torch.no_grad():
             x = model.decode(model.sample_latents(n, temperature, generator), y)
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError(f"samples of batch {b} at T={temperature} are not finite: the model is broken; no FID")
         metric.update(to_uint8(quantize(x, model.n_bins), model.n_bins).cpu(), real=False)
         drawn += n
     return drawn
@@ -159,7 +164,13 @@ def fid_from_stats(real: dict[str, Tensor], fake: dict[str, Tensor]) -> float:
 
     if min(int(real["features_num_samples"]), int(fake["features_num_samples"])) < 2:
         raise ValueError("FID needs at least 2 real and 2 generated images")
-    return float(_compute_fid(*mean_cov(real), *mean_cov(fake)))
+    for side, stats in (("real", real), ("generated", fake)):
+        if not all(bool(torch.isfinite(v).all()) for v in stats.values()):
+            raise ValueError(f"the {side} images' features are not finite: no FID")
+    fid = float(_compute_fid(*mean_cov(real), *mean_cov(fake)))
+    if not math.isfinite(fid):
+        raise ValueError(f"FID came out as {fid}: the feature statistics are degenerate")
+    return fid
 
 
 def evaluate_fid(
@@ -186,7 +197,8 @@ def evaluate_fid(
 
     With ``parts > 1`` this writes only this part's statistics, for :func:`merge_fid`.
     """
-    from glowlab.jobs.common import check_data, load_image_model, write_json
+    from glowlab.files import write_json
+    from glowlab.jobs.common import check_data, load_image_model
 
     if not 0 <= part < parts:
         raise ValueError(f"--part {part} must be in 0..{parts - 1}")
@@ -212,8 +224,7 @@ def evaluate_fid(
     if parts > 1:
         record = {**info, "part": part, "parts": parts, "drawn": drawn, "fake": _stats(metric, "fake")}
         path = Path(out or f"fid-part{part}-of{parts}.pt")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(record, path)
+        write_atomic(path, lambda f: torch.save(record, f))
         print(f"FID part {part + 1}/{parts}: statistics of {drawn} samples -> {path}")
         return {**info, "part": part, "parts": parts, "drawn": drawn, "path": str(path)}
     results = {**info, "fid": fid_from_stats(_stats(metric, "real"), _stats(metric, "fake"))}
@@ -228,9 +239,17 @@ def evaluate_fid(
 
 def merge_fid(part_files: list[str | Path], out: str | Path | None = None) -> dict:
     """Add the statistics of ``glowlab evaluate fid --parts N`` runs and compute the FID."""
-    from glowlab.jobs.common import write_json
+    from glowlab.files import write_json
 
-    records = [torch.load(p, weights_only=True) for p in part_files]
+    records = []
+    for p in part_files:
+        try:
+            record = torch.load(p, weights_only=True)
+        except Exception as exn:  # not a torch file, truncated, or holding other objects
+            raise ValueError(f"{p}: not a part of glowlab evaluate fid --parts ({exn})") from exn
+        if not isinstance(record, dict) or not {"part", "parts", "fake"} <= set(record):
+            raise ValueError(f"{p}: not a part of glowlab evaluate fid --parts (no part, parts and statistics)")
+        records.append(record)
     first = records[0]
     for p, r in zip(part_files, records, strict=True):
         for key in (

@@ -6,7 +6,33 @@ Each job parses its own options and calls :mod:`glowlab.images` with keywords.
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
+
+
+def finite(text: str) -> float:
+    """An argparse type: a finite number (``nan`` and ``inf`` are refused, naming the option)."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def temperature(text: str) -> float:
+    """An argparse type: a finite temperature >= 0."""
+    value = finite(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: a temperature is >= 0")
+    return value
+
+
+def _check_split(parser: argparse.ArgumentParser, data: str, *splits: str) -> None:
+    from glowlab.data.shards import read_manifest
+
+    found = read_manifest(data)["splits"]
+    for split in splits:
+        if split not in found:
+            parser.error(f"split {split!r}: {data} has {', '.join(found)}")
 
 
 def _model_and_data_args(parser: argparse.ArgumentParser) -> None:
@@ -23,7 +49,7 @@ def sample_main(argv: list[str]) -> Path:
     parser = argparse.ArgumentParser(prog="glowlab sample", description=sample_main.__doc__)
     parser.add_argument("--ckpt", required=True, type=Path, help="checkpoint of glowlab fit, or an exported model")
     parser.add_argument("--num-samples", type=int, default=64, help="samples per temperature (or per class)")
-    parser.add_argument("--temperature", type=float, nargs="+", default=[0.7], help="e.g. 0 0.5 0.6 0.7 0.8 0.9 1")
+    parser.add_argument("--temperature", type=temperature, nargs="+", default=[0.7], help="e.g. 0 0.5 0.7 1")
     parser.add_argument("--classes", type=int, nargs="+", help="conditional models: one row per class")
     parser.add_argument("--out", type=Path, default=Path("samples.png"), help="output PNG")
     parser.add_argument("--seed", type=int, default=0, help="seed of the latent noise")
@@ -65,6 +91,9 @@ def interpolate_main(argv: list[str]) -> Path:
     args = parser.parse_args(argv)
     if len(args.indices) < 2:
         parser.error("--indices needs at least two images")
+    if args.steps < 2:
+        parser.error("--steps must be >= 2 (the segment's two ends)")
+    _check_split(parser, args.data, args.split)
     import torch
 
     from glowlab.data.shards import read_samples
@@ -101,11 +130,14 @@ def manipulate_main(argv: list[str]) -> Path:
     parser.add_argument("--direction-images", type=int, default=2000)
     parser.add_argument("--split", default="test", help="where the images to manipulate come from")
     parser.add_argument("--indices", type=int, nargs="+", default=[0, 1, 2, 3])
-    parser.add_argument("--strengths", type=float, nargs="+", default=[-1.0, -0.5, 0.0, 0.5, 1.0])
+    parser.add_argument("--strengths", type=finite, nargs="+", default=[-1.0, -0.5, 0.0, 0.5, 1.0])
     parser.add_argument("--out", type=Path, default=Path("manipulation.png"))
     parser.add_argument("--device")
     parser.add_argument("--wandb-project")
     args = parser.parse_args(argv)
+    if args.direction_images < 2:
+        parser.error("--direction-images must be >= 2 (images with the attribute and images without)")
+    _check_split(parser, args.data, args.direction_split, args.split)
 
     from glowlab.data.shards import read_manifest, read_samples
     from glowlab.images import attribute_direction, display, levels_to_model, manipulate, save_sample_grid
@@ -118,7 +150,12 @@ def manipulate_main(argv: list[str]) -> Path:
     count = manifest["splits"][args.direction_split]["count"]
     pool = read_samples(args.data, args.direction_split, limit=min(args.direction_images, count))
     if args.attribute.startswith("class="):
-        has = pool.labels == int(args.attribute.split("=", 1)[1])
+        value = args.attribute.split("=", 1)[1]
+        classes = manifest.get("num_classes")
+        if not value.lstrip("-").isdigit() or not classes or not 0 <= int(value) < classes:
+            known = f"0..{classes - 1}" if classes else "it has no labels"
+            parser.error(f"--attribute {args.attribute}: class=K with K a class of {args.data} ({known})")
+        has = pool.labels == int(value)
     else:
         names = manifest.get("attribute_names") or []
         if args.attribute not in names:

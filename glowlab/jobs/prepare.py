@@ -31,6 +31,12 @@ def main(argv: list[str]) -> dict:
     args = parser.parse_args(argv)
     if args.source != "digits" and args.path is None:
         parser.error(f"source {args.source} needs a path")
+    # A data set for glowlab fit needs validation and test images; the library's prepare() allows
+    # empty splits for other uses (a reference set for FID, say).
+    if args.val_fraction == 0:
+        parser.error("--val-fraction 0 leaves no validation images, which glowlab fit needs (best.ckpt, val_bpd)")
+    if args.test_fraction == 0 and args.source not in ("cifar10", "cifar100"):
+        parser.error("--test-fraction 0 leaves no test images, which glowlab test and test_after_fit need")
     options = PrepareOptions(
         resolution=args.resolution,
         resample=args.resample,

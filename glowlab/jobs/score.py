@@ -11,26 +11,32 @@ typicality test on batches, rather than thresholding the likelihood from one sid
 from __future__ import annotations
 
 import csv
+import io
 import math
 from pathlib import Path
 
 import torch
 
 from glowlab.data.tabular import load_vector_splits
+from glowlab.files import write_text
 from glowlab.jobs.common import check_data
 from glowlab.models import FlowModel, MultiscaleFlow
 from glowlab.models.density import log_densities
 
 
 def _write_rows(path: Path, header: list[str], rows: list[list]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    with partial.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(header)
-        writer.writerows(rows)
-    partial.replace(path)  # never leave a half-written score file under the final name
-    return path
+    """The scores as CSV, written atomically (never a half-written score file under the final name)."""
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    return write_text(path, text.getvalue())
+
+
+def _refuse_nonfinite(values: torch.Tensor, ckpt: str | Path) -> None:
+    bad = (~torch.isfinite(values)).nonzero().flatten()
+    if len(bad):
+        raise ValueError(f"{ckpt} gives sample(s) {bad.tolist()[:5]} a non-finite score; refusing to write the file")
 
 
 def score_vectors(
@@ -52,6 +58,7 @@ def score_vectors(
     if x.shape[1] != model.features:
         raise ValueError(f"{data}: vectors have {x.shape[1]} features but {ckpt} models {model.features}")
     log_prob = log_densities(model, x).double()
+    _refuse_nonfinite(log_prob, ckpt)
     bpd = -log_prob / (x.shape[1] * math.log(2.0))
     rows = [[i, f"{lp:.6f}", f"{b:.6f}"] for i, (lp, b) in enumerate(zip(log_prob.tolist(), bpd.tolist(), strict=True))]
     _write_rows(out, ["index", "log_likelihood_nats", "bits_per_dim"], rows)

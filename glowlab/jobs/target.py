@@ -21,7 +21,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from glowlab.jobs.common import load_vector_model, log_to_wandb, write_json
+from glowlab.files import write_json
+from glowlab.jobs.common import load_vector_model, log_to_wandb
 from glowlab.likelihood import mean_and_stderr
 from glowlab.models.density import FlowModel, VectorFlowConfig, log_densities
 from glowlab.models.io import save_model

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from glowlab.files import write_atomic, write_json, write_text
 from glowlab.models.density import FlowModel, VectorFlowConfig
 from glowlab.models.multiscale import RENAMED, MultiscaleConfig, MultiscaleFlow
 
@@ -100,6 +101,9 @@ def _with_weights(model: Model, state: dict[str, torch.Tensor], path: Path, devi
     dtype = next((v.dtype for v in state.values() if v.is_floating_point()), None)
     if dtype is not None:
         model = model.to(dtype)
+    for name, value in state.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise ValueError(f"{path}: parameter {name} has non-finite values; the model is broken")
     try:
         model.load_state_dict(state)
     except RuntimeError as exn:
@@ -151,7 +155,7 @@ def save_model(
     source: str = "",
 ) -> Path:
     """Write an in-memory ``model`` (built from its config) as an exported folder ``out``."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     out = Path(out)
     if model.config is None:
@@ -161,8 +165,7 @@ def save_model(
             raise ValueError(f"metric {name}={value} is not finite: refusing to export it")
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state, str(out / (WEIGHTS + ".partial")))
-    (out / (WEIGHTS + ".partial")).replace(out / WEIGHTS)
+    write_atomic(out / WEIGHTS, lambda f: f.write(save(state)))
     info = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -173,15 +176,9 @@ def save_model(
         "metrics": metrics or {},
         "source": source,
     }
-    _write_text(out / CONFIG, json.dumps(info, indent=2) + "\n")
-    _write_text(out / "README.md", model_card(info))
+    write_json(out / CONFIG, info)
+    write_text(out / "README.md", model_card(info))
     return out
-
-
-def _write_text(path: Path, text: str) -> None:
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(text)
-    partial.replace(path)
 
 
 def _run_results(checkpoint: Path) -> tuple[dict[str, Any], dict[str, Any]]:

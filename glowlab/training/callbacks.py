@@ -14,8 +14,10 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_only
 
+from glowlab.files import write_atomic
 from glowlab.images import sample_grid, save_sample_grid
 
 
@@ -77,6 +79,25 @@ class SampleGrid(L.Callback):
         self._save(trainer, pl_module, "final.png")
 
 
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints written beside their target and renamed over it: never a truncated ``last.ckpt``.
+
+    Lightning's default writes through a temporary file in ``$TMPDIR``; when that is on another
+    filesystem (node-local ``/tmp``, a shared run folder: the usual cluster layout) the final step
+    is a copy into the truncated target, and a kill in between leaves a broken checkpoint. Here the
+    partial file is always on the target's filesystem and ``os.replace`` makes the switch atomic,
+    whatever ``$TMPDIR`` is (or how full it is). Remote paths (``s3://``...) keep Lightning's way.
+
+    References: Falcon et al., PyTorch Lightning, 2019.
+    """
+
+    def save_checkpoint(self, checkpoint: dict, path: str | Path, storage_options: object = None) -> None:
+        if "://" in str(path):
+            super().save_checkpoint(checkpoint, path, storage_options)
+            return
+        write_atomic(path, lambda f: torch.save(checkpoint, f))
+
+
 class GlowCheckpoint(ModelCheckpoint):
     """ModelCheckpoint that also writes ``last.ckpt`` when training stops mid-epoch.
 
@@ -130,22 +151,31 @@ class Throughput(L.Callback):
             self._start, self._images, self._steps = now, 0, 0
 
 
+PREEMPTED = "preempted.ckpt"
+
+
 class Preemption(L.Callback):
-    """Checkpoint and requeue on ``SIGUSR1``, at a batch boundary that all ranks agree on.
+    """Checkpoint on ``SIGUSR1`` or ``SIGTERM`` at a batch boundary all ranks agree on; requeue or stop.
 
-    SLURM sends the signal shortly before a time limit or preemption (``#SBATCH
-    --signal=SIGUSR1@90``). The handler only sets a flag; after the current training batch the
-    ranks combine their flags (an all-reduce), all write ``default_root_dir/hpc_ckpt_N.ckpt``
-    together, rank 0 runs ``scontrol requeue`` and the processes exit. Saving inside the signal
-    handler instead, as Lightning's own auto-requeue does, can start the checkpoint's collectives
-    while another rank is still inside the step's gradient all-reduce. A requeued job keeps its id
-    and output folder, and Lightning resumes from the newest ``hpc_ckpt`` there. Outside SLURM the
-    signal still checkpoints and stops the run cleanly.
+    SLURM sends ``SIGUSR1`` shortly before a time limit (``#SBATCH --signal=SIGUSR1@90``) and
+    ``SIGTERM`` when it cancels or preempts a job. Either signal only sets a flag; after a
+    training batch the ranks combine their flags, all write ``RUN/checkpoints/preempted.ckpt``
+    together (``RUN`` is the run's own folder, where its logs and checkpoints are, so no other run
+    finds it), and then:
 
-    A single process reads its flag in Python after every batch. Under DDP the ranks combine their
-    flags every ``check_every_n_steps`` optimizer steps (at the same steps on every rank): the
-    all-reduce and the read of its result make the host wait for the GPU, which a training step
-    should not do every time. SLURM's warning comes about 90 s ahead, many steps' worth.
+    * ``SIGUSR1`` in a SLURM job: rank 0 runs ``scontrol requeue`` and the processes exit; the
+      requeued job (same id, same run folder) resumes from that checkpoint (``slurm/train.sbatch``
+      passes it as ``--ckpt_path``).
+    * ``SIGUSR1`` outside SLURM, or ``SIGTERM``: the run stops after the checkpoint, without the
+      test pass, and says how to resume (``--ckpt_path RUN/checkpoints/preempted.ckpt``).
+
+    Saving inside the signal handler instead, as Lightning's own auto-requeue does, can start the
+    checkpoint's collectives while another rank is inside the step's gradient all-reduce. The
+    handlers replace Lightning's SIGTERM handling for the fit (Lightning would stop without a
+    checkpoint). A single process reads its flag in Python after every batch; under DDP the ranks
+    combine their flags every ``check_every_n_steps`` optimizer steps (at the same steps on every
+    rank), because the all-reduce makes the host wait for the GPU. SLURM's warning comes about
+    90 s ahead, many steps' worth.
 
     References: Yoo et al., "SLURM: Simple Linux Utility for Resource Management", 2003.
     """
@@ -155,15 +185,18 @@ class Preemption(L.Callback):
             raise ValueError(f"check_every_n_steps must be >= 1, got {check_every_n_steps}")
         self.check_every_n_steps = check_every_n_steps
         self.signum = getattr(signal, signal_name)
-        self.received = False
+        self.received: int | None = None  # the signal that arrived, if any
         self.saved_path: str | None = None
+        self.stopped = False  # the run stopped on a signal (not requeued): no test pass after fit
 
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if stage == "fit" and threading.current_thread() is threading.main_thread():
-            signal.signal(self.signum, self._on_signal)
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # After Lightning has set its own handlers for the fit (it restores the originals at the end).
+        if threading.current_thread() is threading.main_thread():
+            for signum in (self.signum, signal.SIGTERM):
+                signal.signal(signum, self._on_signal)
 
     def _on_signal(self, signum: int, frame: object) -> None:
-        self.received = True
+        self.received = signum
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int
@@ -171,23 +204,23 @@ class Preemption(L.Callback):
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             if trainer.global_step % self.check_every_n_steps:
                 return
-            flag = torch.tensor([float(self.received)], device=pl_module.device)
+            # The largest signal number any rank got: SIGTERM (15) outranks SIGUSR1 (10).
+            flag = torch.tensor([float(self.received or 0)], device=pl_module.device)
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-            received = bool(flag.item())
+            received = int(flag.item())
         else:
-            received = self.received
+            received = self.received or 0
         if not received:
             return
-        folder = Path(trainer.default_root_dir)
-        taken = [
-            int(p.stem.rsplit("_", 1)[1]) for p in folder.glob("hpc_ckpt_*.ckpt") if p.stem.rsplit("_", 1)[1].isdigit()
-        ]
-        self.saved_path = str(folder / f"hpc_ckpt_{max(taken, default=0) + 1}.ckpt")
+        folder = run_directory(trainer) / "checkpoints"
+        self.saved_path = str(folder / PREEMPTED)
         trainer.save_checkpoint(self.saved_path)
+        name = signal.Signals(received).name
         job = os.environ.get("SLURM_JOB_ID")
+        requeue = bool(job) and received == self.signum
         if trainer.is_global_zero:
-            print(f"glowlab: signal received; checkpoint {self.saved_path} at step {trainer.global_step}", flush=True)
-            if job:
+            print(f"glowlab: {name} received; checkpoint {self.saved_path} at step {trainer.global_step}", flush=True)
+            if requeue:
                 array = os.environ.get("SLURM_ARRAY_JOB_ID")
                 job = f"{array}_{os.environ['SLURM_ARRAY_TASK_ID']}" if array else job
                 result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
@@ -195,6 +228,9 @@ class Preemption(L.Callback):
                     f"glowlab: scontrol requeue {job}: {'done' if result.returncode == 0 else result.stderr.strip()}",
                     flush=True,
                 )
-        if job:
+            else:
+                print(f"glowlab: stopping; resume with --ckpt_path {self.saved_path}", flush=True)
+        if requeue:
             raise SystemExit(0)  # the requeued job continues from the checkpoint
+        self.stopped = True
         trainer.should_stop = True

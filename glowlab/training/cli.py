@@ -3,18 +3,33 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import yaml
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.plugins.environments import SLURMEnvironment
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from glowlab.files import write_json
 from glowlab.models import MultiscaleConfig
+from glowlab.models.contract import mismatch
 from glowlab.models.density import VectorFlowConfig
 from glowlab.models.multiscale import RENAMED
-from glowlab.training.callbacks import run_directory
+from glowlab.training.callbacks import AtomicCheckpointIO, Preemption, run_directory
+
+
+def _check_writable(folder: Path) -> None:
+    """Create ``folder`` if needed; an error naming it when the run could not write there."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".glowlab-write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exn:
+        raise ValueError(f"{folder}: the run cannot write its logs and checkpoints there ({exn.strerror})") from exn
 
 
 def moved_key_message(args: list[str] | None, config_class: type) -> str | None:
@@ -60,6 +75,12 @@ class ResultsCLI(LightningCLI):
     metric = "test_bpd"
     flow_config: type = MultiscaleConfig
 
+    def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
+        trainer = super().instantiate_trainer(**kwargs)
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # not a user's own plugin
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        return trainer
+
     def parse_arguments(self, parser, args) -> None:
         message = moved_key_message(args if isinstance(args, list | tuple) or args is None else [], self.flow_config)
         if message is not None:
@@ -74,9 +95,95 @@ class ResultsCLI(LightningCLI):
             help=f"After fit, test the best checkpoint (by {self.metric.replace('test', 'val')}).",
         )
 
+    def before_instantiate_classes(self) -> None:
+        """Folders the run will write (its loggers' and the trainer's) must be writable: one line if not."""
+        subcommand = self.config.get("subcommand")
+        config = self.config[subcommand] if subcommand else self.config
+        trainer = config.get("trainer") or {}
+        folders = [trainer.get("default_root_dir") or "."]
+        loggers = trainer.get("logger")
+        for logger in loggers if isinstance(loggers, list) else [loggers]:
+            init = getattr(logger, "init_args", None) or (logger.get("init_args") if isinstance(logger, dict) else None)
+            save_dir = getattr(init, "save_dir", None) if init is not None else None
+            if save_dir:
+                folders.append(save_dir)
+        for folder in folders:
+            _check_writable(Path(folder))
+
+    def _parse_ckpt_path(self) -> None:
+        """The model options of a ``--ckpt_path`` checkpoint replace the command line's, saying which.
+
+        The checkpoint's weights only fit the model they were trained as, so its options win; each
+        one that differs from the command line or config is named on one line. (How activations are
+        stored or recomputed, ``backprop`` and ``memory_format``, stays as given: it changes no
+        weight.) A file that is no glowlab checkpoint stops here with its name. The data contract
+        (image shape, grey levels) is checked against the data once the data module exists.
+        """
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if not ckpt_path or ckpt_path in ("last", "best", "hpc", "registry"):
+            return
+        from glowlab.models.io import config_from_hparams, read_checkpoint
+
+        stored = config_from_hparams(read_checkpoint(ckpt_path)["hyper_parameters"], ckpt_path)
+        if not isinstance(stored, self.flow_config):
+            raise ValueError(f"--ckpt_path {ckpt_path}: a checkpoint of another kind of model")
+        given = self.config[subcommand]["model"]["flow"]
+        data_fields = {"image_shape", "n_bins", "features", "mean", "std"}  # filled from the data
+        replaced = []
+        for field in dataclasses.fields(stored):
+            if field.name in data_fields or field.name in ("backprop", "memory_format"):
+                continue
+            value = getattr(stored, field.name)
+            if getattr(given, field.name, value) != value:
+                replaced.append(f"model.flow.{field.name}={value!r} (given {getattr(given, field.name)!r})")
+            setattr(given, field.name, value)
+        if replaced:
+            print(f"glowlab: using the checkpoint's {', '.join(replaced)}", file=sys.stderr)
+        self._stored_flow = stored
+
+    def _check_ckpt_path(self) -> None:
+        """Once the data module exists: a checkpoint for other data stops with the one data-contract message."""
+        ckpt_path = self.config[self.subcommand].get("ckpt_path")
+        stored = getattr(self, "_stored_flow", None)
+        if ckpt_path is None:
+            self._refuse_foreign_hpc_checkpoints()
+            return
+        if not isinstance(stored, MultiscaleConfig):
+            return
+        data = getattr(self.datamodule, "contract", None)
+        if data is not None:
+            message = mismatch(stored, data, f"--ckpt_path {ckpt_path}", f"data.root {self.datamodule.root}")
+            if message:
+                raise ValueError(message)
+
+    def _refuse_foreign_hpc_checkpoints(self) -> None:
+        # Under SLURM, Lightning resumes by itself from hpc_ckpt_*.ckpt files in default_root_dir,
+        # whichever run wrote them. glowlab writes none (its preemption checkpoints stay in their run's
+        # folder), so one found there belongs to another run or an older version: say so, resume nothing.
+        if not SLURMEnvironment.detect():
+            return
+        found = sorted(Path(self.trainer.default_root_dir).glob("hpc_ckpt_*.ckpt"))
+        if found:
+            raise ValueError(
+                f"{found[0]}: under SLURM, Lightning would resume this run from it, but it was not written by "
+                "this run; move it away, or pass --ckpt_path to resume from a checkpoint on purpose"
+            )
+
+    def before_fit(self) -> None:
+        self._check_ckpt_path()
+
+    def before_validate(self) -> None:
+        self._check_ckpt_path()
+
+    def before_test(self) -> None:
+        self._check_ckpt_path()
+
     def after_fit(self) -> None:
         if not self.config[self.subcommand].get("test_after_fit"):
             return
+        if any(isinstance(c, Preemption) and c.stopped for c in self.trainer.callbacks):
+            return  # stopped by a signal: the run is not finished, so not tested either
         checkpoint = self.trainer.checkpoint_callback
         best = checkpoint.best_model_path if checkpoint is not None else ""
         self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best or None)
@@ -95,7 +202,7 @@ class ResultsCLI(LightningCLI):
         results = {self.metric: float(self.trainer.callback_metrics[self.metric]), **self.results()}
         results["checkpoint"] = checkpoint
         path = run_directory(self.trainer) / "test_results.json"
-        path.write_text(json.dumps(results, indent=2) + "\n")
+        write_json(path, results)
         print(f"{self.metric} {results[self.metric]:.4f} -> {path}")
 
 

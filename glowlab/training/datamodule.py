@@ -69,6 +69,8 @@ class ShardDataModule(L.LightningDataModule):
     instead of stopping. ``epoch_size`` (samples per epoch, default the training split) sets how
     many batches make an epoch; every rank runs the same number. ``test_split`` is the split the
     test loop reads (``"test"``; evaluation jobs may point it at ``"val"`` or ``"train"``).
+    ``verify_shards`` checks each shard's sha256 against the manifest the first time a process
+    reads it (:func:`glowlab.data.shards.verify_shard`), so a changed shard is refused.
 
     References: Kingma & Dhariwal, "Glow: Generative Flow with Invertible 1x1 Convolutions", 2018.
     """
@@ -88,15 +90,27 @@ class ShardDataModule(L.LightningDataModule):
         seed: int = 0,
         eval_noise_seed: int = 0,
         test_split: str = "test",
+        verify_shards: bool = True,
     ) -> None:
         super().__init__()
         if bad_samples not in BAD_SAMPLE_POLICIES:
             raise ValueError(f"data.bad_samples={bad_samples!r}: choose one of {', '.join(BAD_SAMPLE_POLICIES)}")
         if batch_size < 1 or eval_batch_size < 1:
             raise ValueError("data.batch_size and data.eval_batch_size must be >= 1")
+        if shuffle_buffer < 1:
+            raise ValueError(f"data.shuffle_buffer={shuffle_buffer} must be >= 1 (1: no shuffling)")
+        if num_workers < 0:
+            raise ValueError(f"data.num_workers={num_workers} must be >= 0")
+        if epoch_size is not None and epoch_size < 1:
+            raise ValueError(f"data.epoch_size={epoch_size} must be >= 1")
         # Reading the manifest here (a small file, no download) lets the model take its shape from it.
         self.manifest = read_manifest(root)
         self.contract = data_contract(root, self.manifest, n_bits)
+        if not 0 <= max_shift < min(self.contract.image_shape[1:]):
+            raise ValueError(
+                f"data.max_shift={max_shift} must be in 0..{min(self.contract.image_shape[1:]) - 1} for the "
+                f"{'x'.join(map(str, self.contract.image_shape[1:]))} images of {root}"
+            )
         self.root = root
         self.n_bits = self.contract.n_bits
         self.n_bins = self.contract.n_bins
@@ -106,6 +120,7 @@ class ShardDataModule(L.LightningDataModule):
         self.num_workers, self.shuffle_buffer = num_workers, shuffle_buffer
         self.augment = Augment(hflip, max_shift) if hflip or max_shift else None
         self.bad_samples, self.epoch_size = bad_samples, epoch_size
+        self.verify_shards = verify_shards
         self.seed, self.eval_noise_seed = seed, eval_noise_seed
         if test_split not in self.manifest["splits"]:
             raise ValueError(f"data.test_split={test_split!r}: {root} has splits {', '.join(self.manifest['splits'])}")
@@ -159,6 +174,8 @@ class ShardDataModule(L.LightningDataModule):
                     f"data.batch_size={self.batch_size} (global) needs at least that many training images "
                     f"per epoch; {self.root} has {self.epoch_size or size}"
                 )
+        elif size == 0:
+            raise ValueError(f"the {split} split of {self.root} is empty (prepared with a fraction of 0?)")
         elif size < world:
             raise ValueError(f"the {split} split of {self.root} has {size} images, fewer than the {world} devices")
         return ShardStream(
@@ -177,6 +194,7 @@ class ShardDataModule(L.LightningDataModule):
             n_bits=self.n_bits,
             bad_samples=self.bad_samples,
             skipped=self._skipped,
+            verify=self.verify_shards,
         )
 
     def _loader(self, split: str, train: bool) -> DataLoader:

@@ -18,7 +18,15 @@ from glowlab.flows.base import check_option
 from glowlab.models.density import FlowModel, VectorFlowConfig
 from glowlab.plots import density_panel, plot_bound
 from glowlab.training.callbacks import run_directory
-from glowlab.training.module import OPTIMIZERS, optimizer_with_warmup
+from glowlab.training.module import (
+    OPTIMIZERS,
+    NonFiniteGuard,
+    NonFiniteTraining,
+    check_training_options,
+    configure_clipping,
+    optimizer_with_warmup,
+    refuse_nonfinite,
+)
 
 
 class VectorDataModule(L.LightningDataModule):
@@ -100,14 +108,18 @@ class DensityModule(L.LightningModule):
         lr: float = 1e-3,
         weight_decay: float = 0.0,
         warmup_steps: int = 0,
+        max_nonfinite_steps: int = 10,
     ) -> None:
         super().__init__()
         check_option("model.optimizer", optimizer, tuple(OPTIMIZERS))
+        check_training_options(lr, weight_decay, warmup_steps)
         if isinstance(flow, dict):  # a config given (or linked by the CLI) as plain values
             flow = VectorFlowConfig(**flow)
         self.save_hyperparameters()
         self.model = FlowModel.from_config(flow)
         self.eval_metrics = nn.ModuleDict({f"{stage}_nll": MeanMetric() for stage in ("val", "test")})
+        self.nonfinite = NonFiniteGuard(max_nonfinite_steps)
+        self._step_loss: Tensor | None = None
 
     def _nll(self, batch: list[Tensor]) -> Tensor:
         return -self.model.log_prob(batch[0])  # (B,)
@@ -115,12 +127,18 @@ class DensityModule(L.LightningModule):
     def training_step(self, batch: list[Tensor], batch_idx: int) -> Tensor:
         loss = self._nll(batch).mean()
         self.log("train_nll", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=batch[0].shape[0])
+        self._step_loss = loss.detach()
         return loss
 
     def _eval_step(self, batch: list[Tensor], stage: str) -> None:
         # iResNet's series and CNF's Hutchinson estimates need autograd even when evaluating.
         with torch.enable_grad():
             nll = self._nll(batch).detach()
+        if not bool(torch.isfinite(nll).all()):
+            raise NonFiniteTraining(
+                f"{stage} NLL is not finite for {int((~torch.isfinite(nll)).sum())} of {len(nll)} vectors of a batch: "
+                "the model gives them no density or its parameters are broken; no mean is reported over the rest"
+            )
         metric = self.eval_metrics[f"{stage}_nll"]
         metric.update(nll)
         self.log(f"{stage}_nll", metric, on_step=False, on_epoch=True, prog_bar=True)
@@ -130,6 +148,14 @@ class DensityModule(L.LightningModule):
 
     def test_step(self, batch: list[Tensor], batch_idx: int) -> None:
         self._eval_step(batch, "test")
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        norm = configure_clipping(self, gradient_clip_val, gradient_clip_algorithm)
+        if norm is not None and self._step_loss is not None:
+            self.nonfinite(self, optimizer, self._step_loss, norm)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        refuse_nonfinite(checkpoint["state_dict"])
 
     def configure_optimizers(self) -> Any:
         return optimizer_with_warmup(self, self.hparams)

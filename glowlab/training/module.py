@@ -38,30 +38,101 @@ def optimizer_with_warmup(module: nn.Module, hp: Any, loss_scaling: bool = False
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
 
+def check_training_options(lr: float, weight_decay: float, warmup_steps: int) -> None:
+    """Errors naming ``model.lr``, ``model.weight_decay`` or ``model.warmup_steps`` when out of range."""
+    if not (math.isfinite(lr) and lr > 0):
+        raise ValueError(f"model.lr={lr} must be a positive number")
+    if not (math.isfinite(weight_decay) and weight_decay >= 0):
+        raise ValueError(f"model.weight_decay={weight_decay} must be >= 0")
+    if warmup_steps < 0:
+        raise ValueError(f"model.warmup_steps={warmup_steps} must be >= 0")
+
+
+def refuse_nonfinite(state_dict: dict[str, Tensor]) -> None:
+    """Raise naming the first tensor of ``state_dict`` with a NaN or infinite value: never save one."""
+    for name, value in state_dict.items():
+        if isinstance(value, Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise NonFiniteTraining(f"refusing to write a checkpoint: parameter {name} has non-finite values")
+
+
 def _fused_adam_supported(params: list[nn.Parameter]) -> bool:
     # Fused Adam runs on CPU and CUDA tensors of floating dtypes (PyTorch 2.4 and later).
     return all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in params)
 
 
-def configure_clipping(module: L.LightningModule, gradient_clip_val: float | None, algorithm: str | None) -> None:
+def configure_clipping(
+    module: L.LightningModule, gradient_clip_val: float | None, algorithm: str | None
+) -> Tensor | None:
     """Log the gradient norm (before clipping) and clip, with one multi-tensor pass over the gradients.
 
     Lightning's default clipping computes one norm per parameter tensor on the CPU; this computes
     the total norm once, logs it as ``grad_norm`` and, with ``gradient_clip_val``, clips by it (or by
-    value). No value is read back on the host, so it costs a GPU step no synchronisation.
+    value). No value is read back on the host, so it costs a GPU step no synchronisation. Returns
+    the norm (None without gradients).
     """
     params = [p for p in module.parameters() if p.grad is not None]
     if not params:
-        return
+        return None
     grads = [p.grad for p in params]
     norm = torch.nn.utils.get_total_norm(grads, foreach=True)
     module.log("grad_norm", norm, on_step=True, on_epoch=False)
-    if not gradient_clip_val:
-        return
-    if algorithm == "value":
-        torch.nn.utils.clip_grad_value_(params, gradient_clip_val, foreach=True)
-    else:
-        torch.nn.utils.clip_grads_with_norm_(params, gradient_clip_val, norm, foreach=True)
+    if gradient_clip_val:
+        if algorithm == "value":
+            torch.nn.utils.clip_grad_value_(params, gradient_clip_val, foreach=True)
+        else:
+            torch.nn.utils.clip_grads_with_norm_(params, gradient_clip_val, norm, foreach=True)
+    return norm
+
+
+class NonFiniteTraining(RuntimeError):
+    """A run whose loss or gradients stayed non-finite for ``max_nonfinite_steps`` steps in a row."""
+
+
+class NonFiniteGuard:
+    """Skips every optimizer step whose loss or gradient norm is not finite; stops a run that keeps at it.
+
+    A skipped step changes no parameter and no optimizer state (the fused Adam kernel skips it on
+    the device through its ``found_inf`` input, with no host synchronisation; for other optimizers
+    the gradients are dropped, which makes ``step()`` pass over every parameter, after reading one
+    value on the host). Skipped steps are counted and logged as ``nonfinite_steps``; after
+    ``limit`` in a row the run stops with :class:`NonFiniteTraining`. With the fused update that
+    count is read when metrics are logged, so a run stops within ``log_every_n_steps`` steps of
+    reaching the limit, its parameters untouched by the skipped steps either way.
+    """
+
+    def __init__(self, limit: int) -> None:
+        if limit < 1:
+            raise ValueError(f"model.max_nonfinite_steps must be >= 1, got {limit}")
+        self.limit = limit
+        self.total: Tensor | None = None  # skipped steps (device counters, no host read per step)
+        self.run: Tensor | None = None  # skipped steps in a row
+
+    def __call__(self, module: L.LightningModule, optimizer: torch.optim.Optimizer, loss: Tensor, norm: Tensor) -> None:
+        bad = ~(torch.isfinite(norm) & torch.isfinite(loss))
+        if self.total is None:
+            self.total = torch.zeros((), dtype=torch.int64, device=norm.device)
+            self.run = torch.zeros((), dtype=torch.int64, device=norm.device)
+        self.total = self.total + bad
+        self.run = (self.run + 1) * bad
+        module.log("nonfinite_steps", self.total.float(), on_step=True, on_epoch=False)
+        fused = optimizer.defaults.get("fused") and isinstance(optimizer, torch.optim.Adam)
+        if fused:
+            optimizer.found_inf = bad.to(torch.float32)  # the fused kernel skips the step on the device
+            every = module.trainer.log_every_n_steps if module._trainer is not None else 1
+            if module.global_step % max(1, every):
+                return
+        elif bool(bad):
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    p.grad = None  # step() passes over parameters without a gradient: nothing changes
+        if int(self.run) >= self.limit:
+            lr = optimizer.param_groups[0]["lr"]
+            raise NonFiniteTraining(
+                f"training stopped at step {module.global_step}: {int(self.run)} optimizer steps in a row had a "
+                f"non-finite loss or gradient and were skipped (model.max_nonfinite_steps={self.limit}). The "
+                f"parameters are those before the first of them; no checkpoint holds a non-finite value. Is the "
+                f"learning rate too high (model.lr={lr:g} now), or the data broken (glowlab verify DATA)?"
+            )
 
 
 class GlowModule(L.LightningModule):
@@ -102,9 +173,11 @@ class GlowModule(L.LightningModule):
         warmup_steps: int = 1000,
         compile: bool = False,
         cuda_graphs: bool = False,
+        max_nonfinite_steps: int = 10,
     ) -> None:
         super().__init__()
         check_option("model.optimizer", optimizer, tuple(OPTIMIZERS))
+        check_training_options(lr, weight_decay, warmup_steps)
         if isinstance(flow, dict):  # a config given (or linked by the CLI) as plain values
             flow = MultiscaleConfig(**flow)
         self.save_hyperparameters()
@@ -120,6 +193,8 @@ class GlowModule(L.LightningModule):
         self._replayed = False  # whether this training step's gradients came from the graph
         self._eager_steps = 0
         self._said: set[str] = set()
+        self.nonfinite = NonFiniteGuard(max_nonfinite_steps)
+        self._step_loss: Tensor | None = None
         # "emulated" replays run the step eagerly into the graph's tensors: the CPU tests use it.
         self.capture_backend = "cuda"
 
@@ -171,6 +246,7 @@ class GlowModule(L.LightningModule):
                 prog_bar=name == "bpd",
             )
         self.log("train_loss", loss, on_step=True, on_epoch=False)
+        self._step_loss = loss.detach()
         return loss
 
     def backward(self, loss: Tensor, *args: Any, **kwargs: Any) -> None:
@@ -237,6 +313,13 @@ class GlowModule(L.LightningModule):
         x, y = self._inputs(batch)
         self._compile_once_initialised()
         _, values = self.losses(x, y)
+        bad = ~torch.isfinite(values["bpd"])
+        if bool(bad.any()):  # an evaluation reads values back anyway: one more read per batch
+            which = batch[2][bad].tolist()[:5] if len(batch) > 2 else f"{int(bad.sum())} of {len(bad)}"
+            raise NonFiniteTraining(
+                f"{stage} bits/dim is not finite for image(s) {which} of the {stage} split: the model gives them no "
+                "density or its parameters are broken; no mean is reported over the other images"
+            )
         for name, value in values.items():
             metric = self.eval_metrics[f"{stage}_{name}"]
             metric.update(value)
@@ -268,7 +351,12 @@ class GlowModule(L.LightningModule):
         gradient_clip_val: float | None = None,
         gradient_clip_algorithm: str | None = None,
     ) -> None:
-        configure_clipping(self, gradient_clip_val, gradient_clip_algorithm)
+        norm = configure_clipping(self, gradient_clip_val, gradient_clip_algorithm)
+        if norm is not None and self._step_loss is not None:
+            self.nonfinite(self, optimizer, self._step_loss, norm)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        refuse_nonfinite(checkpoint["state_dict"])
 
     def configure_optimizers(self) -> Any:
         scaler = self._trainer is not None and getattr(self.trainer.precision_plugin, "scaler", None) is not None
