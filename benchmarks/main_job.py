@@ -6,6 +6,7 @@ reports its wall time, the fit's wall time alone, the test bits/dim and the peak
 process so far (``ru_maxrss`` of the finished children). ``--accelerator gpu`` runs
 the same job on one GPU; ``--variant cuda_graphs`` adds ``--model.cuda_graphs true``, ``compile``
 adds ``--model.compile true``. ``--no-wandb`` keeps only the CSV logger (for machines without wandb).
+Other arguments go to ``glowlab fit`` (e.g. ``--threads 1``); ``--keep DIR`` keeps the run.
 
     python benchmarks/main_job.py                                   # the CPU figure of the README
     python benchmarks/main_job.py --accelerator gpu --variant eager cuda_graphs --no-wandb
@@ -17,6 +18,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -30,7 +32,7 @@ CSV_ONLY = (
 )
 
 
-def run(accelerator: str, variant: str, extra: list[str], wandb: bool) -> dict:
+def run(accelerator: str, variant: str, extra: list[str], wandb: bool, keep: Path | None = None) -> dict:
     with tempfile.TemporaryDirectory() as work:
         env = {**os.environ, "WANDB_MODE": os.environ.get("WANDB_MODE", "offline")}
         glowlab = [sys.executable, "-m", "glowlab"]
@@ -45,6 +47,8 @@ def run(accelerator: str, variant: str, extra: list[str], wandb: bool) -> dict:
         if result.returncode != 0:
             raise SystemExit(f"{variant} on {accelerator} failed:\n{result.stdout[-3000:]}{result.stderr[-3000:]}")
         results = json.loads(next(Path(work, "runs", "digits").glob("version_*/test_results.json")).read_text())
+        if keep is not None:
+            shutil.copytree(work, keep / variant, dirs_exist_ok=True)
     peak_gib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20  # KiB -> GiB
     return {"wall_s": end - start, "fit_s": end - fit_start, "test_bpd": results["test_bpd"], "peak_rss_gib": peak_gib}
 
@@ -55,10 +59,11 @@ def main() -> None:
     parser.add_argument("--variant", nargs="+", default=["eager"], choices=tuple(VARIANTS))
     parser.add_argument("--no-wandb", action="store_true")
     parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--keep", type=Path, help="copy each variant's data and run folder to KEEP/VARIANT")
     args, extra = parser.parse_known_args()
     rows = {}
     for variant in args.variant:
-        row = run(args.accelerator, variant, extra, wandb=not args.no_wandb)
+        row = run(args.accelerator, variant, extra, wandb=not args.no_wandb, keep=args.keep)
         rows[variant] = row
         print(
             f"main job on {args.accelerator} ({variant}): {row['wall_s']:.1f} s in all, fit and test "

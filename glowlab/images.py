@@ -11,8 +11,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
-from torchvision.utils import save_image
+from torchvision.utils import make_grid
 
 from glowlab.files import write_atomic
 from glowlab.likelihood import bin_centers, to_unit_range
@@ -62,11 +63,90 @@ def display(x: Tensor, n_bins: int, min_pixels: int = 32) -> Tensor:
     return F.interpolate(images, scale_factor=scale, mode="nearest") if scale > 1 else images
 
 
-def save_sample_grid(images: Tensor, per_row: int, path: str | Path) -> Path:
-    """Write ``images`` (N, C, H, W) in [0, 1] as a PNG grid with ``per_row`` images a row."""
+def save_sample_grid(
+    images: Tensor,
+    per_row: int,
+    path: str | Path,
+    row_labels: Sequence[str] | None = None,
+    column_labels: Sequence[str] | None = None,
+    captions: Sequence[str] | None = None,
+) -> Path:
+    """Write ``images`` (N, C, H, W) in [0, 1] as a PNG grid with ``per_row`` images a row.
+
+    ``row_labels`` (one per row, e.g. ``T=0.7``) go in a white margin left of the rows,
+    ``column_labels`` (one per column, empty strings allowed) in a margin above them, and
+    ``captions`` (one per image, e.g. its bits/dim) under each image.
+    """
     if not bool(torch.isfinite(images).all()):
         raise ValueError(f"refusing to write {path}: the images hold non-finite values")
-    return write_atomic(path, lambda f: save_image(images, f, format="png", nrow=per_row, padding=2, pad_value=1.0))
+    grid = make_grid(images, nrow=per_row, padding=PADDING, pad_value=1.0)  # (C, H', W'), C is 3 even for grey
+    picture = Image.fromarray(grid.mul(255).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy())
+    rows = -(-len(images) // per_row)
+    for labels, count, what in (
+        (row_labels, rows, "rows"),
+        (column_labels, min(per_row, len(images)), "columns"),
+        (captions, len(images), "images"),
+    ):
+        if labels is not None and len(labels) != count:
+            raise ValueError(f"{len(labels)} labels for {count} {what}")
+    row_height = images.shape[-2] + PADDING
+    if captions is not None:
+        picture = _captioned(picture, captions, per_row, row_height, images.shape[-1] + PADDING)
+        row_height += CAPTION_HEIGHT
+    picture = _labelled(picture, row_labels, column_labels, row_height, images.shape[-1] + PADDING)
+    return write_atomic(path, lambda f: picture.save(f, format="png"))
+
+
+CAPTION_HEIGHT = 14  # pixels of the band under each row of a captioned grid
+
+
+def _captioned(
+    picture: Image.Image, captions: Sequence[str], per_row: int, row_height: int, column_width: int
+) -> Image.Image:
+    """``picture`` (a grid) with a white band under each row holding each image's caption, centred."""
+    rows = -(-len(captions) // per_row)
+    out = Image.new("RGB", (picture.width, picture.height + rows * CAPTION_HEIGHT), "white")
+    font = ImageFont.load_default(size=10)
+    draw = ImageDraw.Draw(out)
+    for r in range(rows):
+        # Row r of make_grid's layout spans [r * row_height, (r + 1) * row_height + PADDING).
+        strip = picture.crop((0, r * row_height, picture.width, (r + 1) * row_height + PADDING))
+        top = r * (row_height + CAPTION_HEIGHT)
+        out.paste(strip.convert("RGB"), (0, top))
+        for c, caption in enumerate(captions[r * per_row : (r + 1) * per_row]):
+            x = PADDING + c * column_width + (column_width - PADDING) // 2
+            draw.text(
+                (x, top + row_height + PADDING + CAPTION_HEIGHT // 2 - 1), caption, fill="black", font=font, anchor="mm"
+            )
+    return out
+
+
+PADDING = 2  # pixels between the images of a grid (white)
+
+
+def _labelled(
+    picture: Image.Image,
+    row_labels: Sequence[str] | None,
+    column_labels: Sequence[str] | None,
+    row_height: int,
+    column_width: int,
+) -> Image.Image:
+    """``picture`` with white margins left (one label per row) and above (one per column), centred."""
+    if not row_labels and not column_labels:
+        return picture
+    font = ImageFont.load_default(size=max(10, min(14, row_height // 2)))
+    measure = ImageDraw.Draw(picture)
+    left = max((int(measure.textlength(t, font=font)) for t in row_labels or []), default=-8) + 8
+    top = 18 if column_labels else 0
+    out = Image.new("RGB", (picture.width + left, picture.height + top), "white")
+    out.paste(picture.convert("RGB"), (left, top))
+    draw = ImageDraw.Draw(out)
+    for i, label in enumerate(row_labels or []):
+        draw.text((4, top + PADDING + i * row_height + row_height // 2), label, fill="black", font=font, anchor="lm")
+    for j, label in enumerate(column_labels or []):
+        x = left + PADDING + j * column_width + column_width // 2
+        draw.text((x, top // 2), label, fill="black", font=font, anchor="mm")
+    return out
 
 
 def slerp(a: Tensor, b: Tensor, t: float) -> Tensor:
@@ -87,8 +167,9 @@ def interpolate(model: MultiscaleFlow, x: Tensor, steps: int, mode: str = "linea
     endpoints are the inputs' exact reconstructions. Conditional models use ``y`` (one label) for
     every encoding and decoding, so endpoints still reproduce the inputs.
     """
+    mode = "linear" if mode == "lerp" else mode
     if mode not in ("linear", "slerp"):
-        raise ValueError(f"--mode {mode!r}: choose linear or slerp")
+        raise ValueError(f"--mode {mode!r}: choose linear (or lerp) or slerp")
     if steps < 2 or len(x) < 2:
         raise ValueError("interpolation needs at least 2 images and 2 steps")
     labels = None if y is None else y.expand(len(x))
@@ -107,6 +188,20 @@ def interpolate(model: MultiscaleFlow, x: Tensor, steps: int, mode: str = "linea
                 ]
                 frames.append(model.decode(mix, None if y is None else y.expand(1)))
     return torch.cat(frames)
+
+
+def interpolation_rows(inputs: Tensor, frames: Tensor, steps: int) -> Tensor:
+    """One row per segment: the real input, a gap, the ``steps`` decoded frames, a gap, the next input.
+
+    ``inputs`` (n, C, H, W) and ``frames`` (the output of :func:`interpolate`, shared endpoints
+    once) are display images in [0, 1]; returns (n - 1) rows of ``steps + 4`` images, gaps white.
+    """
+    gap = torch.ones_like(inputs[:1])
+    rows = []
+    for i in range(len(inputs) - 1):
+        segment = frames[i * (steps - 1) : i * (steps - 1) + steps]  # its frames, both endpoints included
+        rows += [inputs[i : i + 1], gap, segment, gap, inputs[i + 1 : i + 2]]
+    return torch.cat(rows)
 
 
 def attribute_direction(model: MultiscaleFlow, x: Tensor, has: Tensor, y: Tensor | None = None) -> list[Tensor]:

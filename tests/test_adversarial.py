@@ -332,7 +332,8 @@ def test_a_checkpoints_model_options_win_with_a_note_and_other_data_is_refused(r
     captured = capsys.readouterr()
     note = "using the checkpoint's model.flow.steps=4 (given 8), model.flow.hidden_channels=64 (given 32)"
     assert note in captured.err
-    tested = json.loads(next(tmp_path.rglob("test_results.json")).read_text())["test_bpd"]
+    # A checkpoint of a run folder: the test writes into that run (RUN/test-best/).
+    tested = json.loads((run["log"] / "test-best" / "test_results.json").read_text())["test_bpd"]
     fitted = json.loads((run["log"] / "test_results.json").read_text())["test_bpd"]
     assert tested == pytest.approx(fitted, abs=1e-6)
     other = prepared(tmp_path / "rgb", n=10, shape=(3, 8, 8), shard_size=4)

@@ -138,9 +138,13 @@ CONTRACT: dict[str, Case] = {
     "squeeze": Case(lambda: Squeeze("contiguous"), (4, 4, 4)),
     "squeeze-channels-last": Case(lambda: Squeeze("channels_last"), (4, 4, 4)),
     "split": Case(lambda: _seeded(Split(4)), (4, 4, 4)),
+    "split-conditional": Case(lambda: _seeded(Split(4, 3, (4, 4))), (4, 4, 4), context=_labels),
     "split-odd": Case(lambda: _seeded(Split(5)), (5, 4, 4)),
     "top-prior": Case(lambda: _seeded(TopPrior((4, 4, 4))), (4, 4, 4)),
     "top-prior-conditional": Case(lambda: _seeded(TopPrior((4, 2, 2), num_classes=3)), (4, 2, 2), context=_labels),
+    "top-prior-position": Case(
+        lambda: _seeded(TopPrior((4, 2, 2), num_classes=3, per_position=True)), (4, 2, 2), context=_labels
+    ),
     "flow-step": Case(lambda: _initialised(FlowStep(4, 8, "affine", "lu"), (4, 4, 4)), (4, 4, 4)),
     "flow-step-checkerboard": Case(
         lambda: _initialised(FlowStep(4, 8, "checkerboard", "conv", 1), (4, 4, 4)), (4, 4, 4)
@@ -178,6 +182,13 @@ CONTRACT: dict[str, Case] = {
     # models: image models over (C, H, W) in [-0.5, 0.5)-ish, vector models over (D,)
     "glow-lu": Case(_glow(), (2, 4, 4), scale=0.3),
     "glow-conv-conditional": Case(_glow(permutation="conv", num_classes=3), (2, 4, 4), scale=0.3, context=_labels),
+    "glow-conditional-priors": Case(_glow(num_classes=3, conditioning="priors"), (2, 4, 4), scale=0.3, context=_labels),
+    "glow-conditional-couplings": Case(
+        _glow(num_classes=3, conditioning="couplings"), (2, 4, 4), scale=0.3, context=_labels
+    ),
+    "realnvp-conditional-couplings": Case(
+        _glow(architecture="realnvp", num_classes=3, conditioning="couplings"), (2, 4, 4), scale=0.3, context=_labels
+    ),
     "glow-checkerboard": Case(_glow(coupling="checkerboard", permutation="shuffle"), (2, 4, 4), scale=0.3),
     "glow-fixed-top": Case(_glow(coupling="additive", permutation="reverse", learn_top=False), (2, 4, 4), scale=0.3),
     "realnvp": Case(_glow(architecture="realnvp"), (2, 4, 4), scale=0.3),

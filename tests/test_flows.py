@@ -37,6 +37,53 @@ def test_conditional_top_prior_depends_on_the_label_and_needs_it() -> None:
         layer(x)
 
 
+def test_a_position_class_prior_moves_each_position_on_its_own() -> None:
+    layer = TopPrior((4, 2, 2), num_classes=3, per_position=True).double()
+    with torch.no_grad():
+        layer.class_embedding.bias.zero_()
+        layer.class_embedding.weight.zero_()
+        # Class 1 moves the mean (even channels of the interleaved [mean | logs] pairs) of channel 0 at
+        # one position only: (row 1, column 0), flat index 2 of the (2C, H, W) = (8, 2, 2) offsets.
+        layer.class_embedding.weight[0 * 4 + 2, 1] = 0.5
+    x = torch.zeros(2, 4, 2, 2, dtype=torch.float64)
+    z, logdet = layer(x, torch.tensor([0, 1]))
+    assert torch.equal(z[0], torch.zeros(4, 2, 2)) and torch.equal(logdet, torch.zeros(2, dtype=torch.float64))
+    moved = (z[1] != 0).nonzero().tolist()
+    assert moved == [[0, 1, 0]] and z[1, 0, 1, 0] == -0.5
+    torch.testing.assert_close(layer.inverse(z, torch.tensor([0, 1])), x)
+
+
+@pytest.mark.parametrize("conditioning", ["top", "top-position", "priors", "couplings"])
+def test_each_conditioning_makes_the_density_depend_on_the_label(conditioning: str) -> None:
+    from glowlab.models import Glow
+
+    torch.manual_seed(0)
+    model = Glow(image_shape=(1, 8, 8), n_bins=17, levels=2, steps=2, hidden_channels=8, num_classes=3,
+                 conditioning=conditioning).double()  # fmt: skip
+    x = torch.rand(4, 1, 8, 8, dtype=torch.float64) - 0.5
+    model.log_prob(x, torch.zeros(4, dtype=torch.long))  # ActNorm's initialisation
+    embeddings = [m for name, m in model.named_modules() if name.endswith("class_embedding")]
+    expected = {"top": 1, "top-position": 1, "priors": 2, "couplings": 2 + 4}[conditioning]
+    assert len(embeddings) == expected  # top prior, the split's prior, the 2 x 2 couplings
+    perturb(model, scale=0.1)
+    y0, y1 = torch.zeros(4, dtype=torch.long), torch.ones(4, dtype=torch.long)
+    assert not torch.allclose(model.log_prob(x, y0), model.log_prob(x, y1))
+    zs, _ = model.encode(x, y1)
+    torch.testing.assert_close(model.decode(zs, y1), x)
+    with pytest.raises(ValueError, match="labels"):
+        model.log_prob(x)
+    if conditioning in ("priors", "couplings"):
+        with pytest.raises(ValueError, match="backprop"):
+            Glow(
+                image_shape=(1, 8, 8),
+                levels=2,
+                steps=2,
+                num_classes=3,
+                conditioning=conditioning,
+                backprop="invertible",
+            )
+
+
 def test_actnorm_initialises_to_unit_statistics() -> None:
     layer = ActNorm(3)
     x = (

@@ -18,11 +18,12 @@ from PIL import Image
 import glowlab
 from glowlab.cli import main
 from glowlab.data import PrepareOptions, load_source, prepare
+from glowlab.data.prepare import sha256_of
 from glowlab.data.shards import read_samples
 from glowlab.images import attribute_direction, interpolate, levels_to_model, manipulate, slerp
 from glowlab.jobs.bpd import evaluate_bpd
-from glowlab.jobs.classifier import to_uint8, train_classifier
-from glowlab.jobs.fid import INCEPTION_FILE, fid_from_stats, inception_weights, make_metric
+from glowlab.jobs.classifier import load_classifier, to_uint8, train_classifier
+from glowlab.jobs.fid import INCEPTION_FILE, fid_from_stats, held_out_split, inception_weights, make_metric
 from glowlab.models import Glow
 from glowlab.training import ShardDataModule
 
@@ -49,6 +50,36 @@ def test_evaluate_bpd_agrees_with_the_logged_validation_bpd(run, tmp_path) -> No
 def test_feature_classifier_learns_the_digits(run) -> None:
     result = train_classifier(str(run["data"]), epochs=15)
     assert result["val_accuracy"] > 0.85 and Path(result["path"]).is_file()
+
+
+def test_train_classifier_gives_the_same_weights_for_a_seed(tmp_path, capsys) -> None:
+    from datasets import prepared_digits
+
+    data = str(prepared_digits(tmp_path / "digits"))
+    files = {}
+    for name, seed in (("a", 3), ("b", 3), ("c", 4)):
+        files[name] = tmp_path / f"{name}.pt"
+        main(
+            [
+                "evaluate",
+                "train-classifier",
+                "--data",
+                data,
+                "--epochs",
+                "1",
+                "--seed",
+                str(seed),
+                "--out",
+                str(files[name]),
+            ]
+        )
+    assert "seed 3, 1 epochs" in capsys.readouterr().out
+    (_, a), (_, b), (_, c) = (load_classifier(files[n]) for n in "abc")
+    assert a["seed"] == b["seed"] == 3 and c["seed"] == 4 and a["epochs"] == 1
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])  # bitwise
+    assert a["val_accuracy"] == b["val_accuracy"]
+    assert not all(torch.equal(a["state_dict"][k], c["state_dict"][k]) for k in a["state_dict"])  # the seed counts
 
 
 def _fid_self_and_noise(metric_factory, images: torch.Tensor) -> list[float]:
@@ -96,8 +127,18 @@ def test_fid_with_inception_weights_from_a_local_file(tmp_path, monkeypatch) -> 
     weights = random_inception_weights(tmp_path / "inception.pth", monkeypatch)
     rng = np.random.default_rng(0)
     images = torch.from_numpy(rng.integers(0, 256, (12, 1, 8, 8), dtype=np.uint8))  # grey: repeated to RGB
-    same, small, large = _fid_self_and_noise(lambda: make_metric("inception", str(tmp_path), weights)[0], images)
+    identities = []
+
+    def metric() -> torch.nn.Module:
+        made, identity = make_metric("inception", str(tmp_path), weights)
+        identities.append(identity)
+        return made
+
+    same, small, large = _fid_self_and_noise(metric, images)
     assert abs(same) < 1e-3 * large and same < small < large
+    identity = identities[0]
+    assert identity["sha256"] == sha256_of(weights) and identity["size_bytes"] == weights.stat().st_size
+    assert identity["kind"] == "inception" and identity["name"] == f"inception-{identity['sha256'][:12]}"
 
 
 def test_missing_inception_weights_fail_at_once_with_a_helpful_message(tmp_path, monkeypatch, run, capsys) -> None:
@@ -133,9 +174,59 @@ def test_fid_parts_merge_to_the_single_run(run, tmp_path) -> None:
     )
     single, merged = (json.loads((tmp_path / n).read_text()) for n in ("fid.json", "merged.json"))
     assert merged["fid"] == pytest.approx(single["fid"], rel=1e-6) and single["fid"] > 0
-    assert len(list((tmp_path / "cache").glob("*.pt"))) == 1  # real statistics computed once, then reused
+    for key in ("fid_at_reference_size", "reference_fid"):
+        assert merged[key] == pytest.approx(single[key], rel=1e-6)
+    for key in ("reference_split", "reference_size", "feature_extractor", "num_samples", "temperature", "seed"):
+        assert merged[key] == single[key]
+    # Real and held-out statistics computed once each, then reused by the parts.
+    assert len(list((tmp_path / "cache").glob("*.pt"))) == 2
     with pytest.raises(SystemExit):
         main(["evaluate", "fid-merge", str(tmp_path / "part0.pt"), "--out", str(tmp_path / "x.json")])
+
+
+def test_fid_result_carries_a_real_vs_real_reference_and_the_extractor_identity(run, tmp_path, capsys) -> None:
+    classifier = tmp_path / "classifier.pt"
+    trained = train_classifier(str(run["data"]), epochs=1, seed=7, out=classifier)
+    common = ["evaluate", "fid", "--ckpt", str(run["ckpt"]), "--data", str(run["data"]), "--features", "classifier"]
+    common += ["--classifier", str(classifier), "--cache-dir", str(tmp_path / "cache"), "--temperature", "0.7"]
+    main([*common, "--num-samples", "400", "--seed", "2", "--out", str(tmp_path / "fid.json")])
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    result = json.loads((tmp_path / "fid.json").read_text())
+    # 400 samples, 359 test images: the reference and the model's head are taken at 359 images.
+    assert result["reference_split"] == "test" and result["reference_size"] == 359
+    assert result["num_samples"] == 400 and result["temperature"] == 0.7 and result["seed"] == 2
+    assert result["split"] == "train" and result["real_images"] == 1258
+    assert np.isfinite(result["reference_fid"]) and result["reference_fid"] >= 0
+    assert np.isfinite(result["fid_at_reference_size"]) and result["fid_at_reference_size"] != result["fid"]
+    assert result["feature_extractor"] == {
+        "kind": "classifier",
+        "path": str(classifier),
+        "sha256": sha256_of(classifier),
+        "val_accuracy": trained["val_accuracy"],
+        "seed": 7,
+        "epochs": 1,
+        "data": trained["data"],
+    }
+    assert result["features"] == f"classifier-{sha256_of(classifier)[:12]}"
+    for text in ("400 samples at T=0.7", "seed 2", "1258 train images", "at 359 samples", "359 test images"):
+        assert text in line, line
+    assert f"val accuracy {trained['val_accuracy']:.3f}, seed 7, 1 epochs" in line
+    # Fewer samples than held-out images: the reference is at the sample count; against val, the
+    # held-out images are the test split's, and against test, val's.
+    main([*common, "--num-samples", "30", "--out", str(tmp_path / "small.json")])
+    small = json.loads((tmp_path / "small.json").read_text())
+    assert small["reference_size"] == 30 and small["fid_at_reference_size"] == small["fid"]
+    assert small["reference_fid"] == pytest.approx(
+        fid_from_stats(
+            torch.load(small["real_statistics"], weights_only=True),
+            torch.load(small["reference_statistics"], weights_only=True),
+        )
+    )
+    manifest = json.loads((run["data"] / "manifest.json").read_text())
+    assert held_out_split(manifest, "train") == "test" and held_out_split(manifest, "test") == "val"
+    assert held_out_split(manifest, "val") == "test"
+    manifest["splits"]["test"]["count"] = 0
+    assert held_out_split(manifest, "train") == "val" and held_out_split(manifest, "val") is None
 
 
 def _tiny_model(num_classes: int | None = None) -> Glow:
@@ -281,9 +372,12 @@ def test_end_to_end_jobs_on_digits(run, tmp_path) -> None:
             str(out / "manip.png"),
         ]
     )
-    assert Image.open(out / "sweep.png").size == (8 * 34 + 2, 7 * 34 + 2)
-    assert Image.open(out / "interp.png").size == (11 * 34 + 2, 34 + 2)
-    assert Image.open(out / "manip.png").size == (5 * 34 + 2, 2 * 34 + 2)
+    # Grids of 34-pixel cells (32 + padding), with a label margin left of the rows (and above labelled columns).
+    sweep, interp, manip = (Image.open(out / f"{name}.png").size for name in ("sweep", "interp", "manip"))
+    assert sweep[1] == 7 * 34 + 2 and sweep[0] > 8 * 34 + 2  # 7 temperatures x 8 samples
+    # 0 -> 1 and 1 -> 2: one row each of input, gap, 6 frames, gap, input; t above the frames.
+    assert interp[1] == 18 + 2 * 34 + 2 and interp[0] > 10 * 34 + 2
+    assert manip[1] == 18 + 2 * 34 + 2 and manip[0] > 5 * 34 + 2  # images x strengths, strengths above
     bpd = json.loads((out / "bpd.json").read_text())
     assert bpd["num_images"] == 359 and 0 < bpd["bpd"] < np.log2(17)
     assert json.loads((out / "fid.json").read_text())["fid"] > 0
@@ -320,7 +414,8 @@ def test_conditional_sample_grid_by_class(run, tmp_path) -> None:
             str(tmp_path / "classes.png"),
         ]
     )
-    assert Image.open(tmp_path / "classes.png").size == (4 * 34 + 2, 3 * 34 + 2)
+    width, height = Image.open(tmp_path / "classes.png").size
+    assert height == 3 * 34 + 2 and width > 4 * 34 + 2  # one labelled row per class
     model = glowlab.load(tmp_path / "cond.ckpt")
     assert model.num_classes == 10 and model.n_bins == 17
     with pytest.raises(SystemExit):

@@ -17,7 +17,7 @@ import glowlab
 from glowlab.cli import main
 from glowlab.jobs.target import distill, fit_target, kl_estimate
 from glowlab.models.density import FlowModel, VectorFlowConfig, log_densities, make_vector_flow
-from glowlab.plots import grid_points
+from glowlab.plots import DPI, PANEL_SIZE, grid_points
 from glowlab.targets import energy, log_normaliser
 from glowlab.training.cli import DensityCLI, density_trainer_defaults
 from glowlab.training.density import DensityModule, VectorDataModule
@@ -25,6 +25,18 @@ from glowlab.training.density import DensityModule, VectorDataModule
 ROOT = Path(__file__).resolve().parents[1]
 DENSITY_CONFIGS = sorted((ROOT / "configs" / "density").glob("*.yaml"))
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+
+
+def read_figure(path: Path) -> np.ndarray:
+    """A PNG's pixels, (H, W, 3)."""
+    with Image.open(path) as image:
+        assert image.format == "PNG"
+        return np.asarray(image.convert("RGB"))
+
+
+def titled_figure_shape(panels: int) -> tuple[int, int]:
+    """(height, width) in pixels of a figure of ``panels`` side by side under a title."""
+    return round((PANEL_SIZE[1] + 0.3) * DPI), round(panels * PANEL_SIZE[0] * DPI)
 
 
 def test_there_are_density_configs() -> None:
@@ -119,8 +131,8 @@ def test_lab_writes_the_table_and_plots_and_reuses_finished_cells(tmp_path, caps
     results = json.loads((out / "results.json").read_text())["results"]
     assert len(results) == 4 and all(math.isfinite(r["test_nll"]) for r in results)
     for r in results:
-        image = Image.open(r["plot"])
-        assert image.size[0] > 2 * image.size[1]  # three panels side by side
+        pixels = read_figure(Path(r["plot"]))
+        assert pixels.shape[:2] == titled_figure_shape(3)  # data | log density | samples
         assert 0.5 < r["plot_mass"] < 1.02  # normalised; after 40 steps some mass is still outside the window
     capsys.readouterr()
     main(args)
@@ -139,7 +151,7 @@ def test_fit_target_reaches_a_small_kl(tmp_path) -> None:
         lr=3e-3,
     )
     assert metrics["kl"] < 0.1, metrics
-    assert (tmp_path / "u1" / "target.png").is_file()
+    assert read_figure(tmp_path / "u1" / "target.png").shape[:2] == titled_figure_shape(3)
     fitted = glowlab.load(tmp_path / "u1" / "model")  # the exported model gives the density the KL was of
     x = torch.randn(64, 2)
     assert fitted.config.family == "realnvp" and torch.isfinite(fitted.log_prob(x)).all()
@@ -160,27 +172,45 @@ def test_kl_estimate_matches_numerical_integration() -> None:
     assert abs(mc - exact) < 4 * stderr + 0.01, (mc, exact, stderr)
 
 
-def test_distilled_student_matches_its_teacher(tmp_path) -> None:
-    torch.manual_seed(0)
-    teacher = DensityModule(VectorFlowConfig(features=2, family="maf", layers=2, hidden_features=16, hidden_layers=1))
-    perturb(teacher, 0.3)
+def save_teacher(path: Path, features: int = 2) -> Path:
+    """A perturbed (non-trivial) two-layer MAF saved as a density-lab checkpoint."""
     import lightning
 
-    ckpt = tmp_path / "teacher.ckpt"
-    torch.save(
-        {
-            "state_dict": teacher.state_dict(),
-            "hyper_parameters": dict(teacher.hparams),
-            "pytorch-lightning_version": lightning.__version__,
-        },
-        ckpt,
+    torch.manual_seed(0)
+    teacher = DensityModule(
+        VectorFlowConfig(features=features, family="maf", layers=2, hidden_features=16, hidden_layers=1)
     )
+    perturb(teacher, 0.3)
+    checkpoint = {
+        "state_dict": teacher.state_dict(),
+        "hyper_parameters": dict(teacher.hparams),
+        "pytorch-lightning_version": lightning.__version__,
+    }
+    torch.save(checkpoint, path)
+    return path
+
+
+def test_distilled_student_matches_its_teacher(tmp_path) -> None:
+    ckpt = save_teacher(tmp_path / "teacher.ckpt")
     metrics = distill(teacher=ckpt, out=tmp_path / "student", steps=600, batch_size=256, lr=3e-3, timing_samples=2000)
     assert metrics["student_family"] == "iaf"
     assert metrics["kl_student_teacher"] < 0.03 and metrics["kl_teacher_student"] < 0.05, metrics
     student = glowlab.load(tmp_path / "student" / "student")
     assert student.config.family == "iaf" and metrics["sampling_speedup"] > 0
     assert isinstance(student, FlowModel)
+    # Teacher and student densities, student samples, the training curve, and a title line.
+    assert metrics["plot"] == str(tmp_path / "student" / "distill.png")
+    pixels = read_figure(tmp_path / "student" / "distill.png")
+    assert pixels.shape[:2] == titled_figure_shape(4)
+    assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 200  # colour-mapped densities, not an empty canvas
+
+
+def test_distill_plots_the_training_curve_alone_beyond_two_dimensions(tmp_path) -> None:
+    ckpt = save_teacher(tmp_path / "teacher.ckpt", features=3)
+    metrics = distill(teacher=ckpt, out=tmp_path / "student", steps=20, kl_samples=500, timing_samples=100)
+    assert metrics["features"] == 3
+    pixels = read_figure(Path(metrics["plot"]))
+    assert pixels.shape[:2] == titled_figure_shape(1)  # the training curve alone
 
 
 def test_distill_command_on_a_teacher_trained_on_moons(tmp_path) -> None:
@@ -196,6 +226,7 @@ def test_distill_command_on_a_teacher_trained_on_moons(tmp_path) -> None:
         main(["distill", "--teacher", str(teacher), "--steps", "800", "--lr", "3e-3", "--out", "student"])
     metrics = json.loads((tmp_path / "student" / "metrics.json").read_text())
     assert metrics["student_family"] == "iaf" and metrics["features"] == 2
+    assert (tmp_path / "student" / "distill.png").is_file()
     assert metrics["kl_student_teacher"] < 0.1, metrics
     scores = tmp_path / "scores.csv"
     main(["score", "--ckpt", str(tmp_path / metrics["student"]), "--data", "moons", "--out", str(scores)])

@@ -10,10 +10,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from matplotlib.axes import Axes
 from PIL import Image
 
 from glowlab.data import TOY_DATASETS, DataError, load_vectors, make_toy, split_vectors, standardise, toy_splits
-from glowlab.plots import COLOUR_ANCHORS, TITLE_HEIGHT, colourise, grid_points, save_heatmap, save_panels, save_scatter
+from glowlab.plots import (
+    DPI,
+    PANEL_SIZE,
+    Curve,
+    Heatmap,
+    Scatter,
+    grid_points,
+    panels_figure,
+    save_figure,
+    save_heatmap,
+    save_panels,
+    save_scatter,
+)
 from glowlab.targets import ENERGIES, INTEGRATION_BOUND, energy, energy_window, log_normaliser, log_prob
 
 N = 2000
@@ -339,10 +352,16 @@ def luminance(rgb: np.ndarray) -> np.ndarray:
     return rgb @ np.array([0.2126, 0.7152, 0.0722])
 
 
-def test_colour_map_is_ordered_by_luminance() -> None:
-    lum = luminance(colourise(np.linspace(0.0, 1.0, 101)).astype(np.float64))
-    assert np.all(np.diff(lum) > 0)
-    assert np.array_equal(colourise(np.array([np.nan, -np.inf, -3.0])), np.repeat(COLOUR_ANCHORS[:1], 3, 0))
+def figure_pixels(panels: int, title: bool = False) -> tuple[int, int]:
+    """(height, width) in pixels of a figure of ``panels`` side by side."""
+    return round((PANEL_SIZE[1] + (0.3 if title else 0.0)) * DPI), round(PANEL_SIZE[0] * panels * DPI)
+
+
+def axes_pixels(image: np.ndarray, ax: Axes, inset: int = 0) -> np.ndarray:
+    """The part of a saved figure's pixels inside ``ax`` (its frame cut off by ``inset`` pixels)."""
+    box = ax.get_window_extent()  # display pixels, y up from the bottom of the figure
+    top, bottom = image.shape[0] - round(box.y1), image.shape[0] - round(box.y0)
+    return image[top + inset : bottom - inset, round(box.x0) + inset : round(box.x1) - inset]
 
 
 def test_grid_points_are_cell_centres_in_image_order() -> None:
@@ -351,52 +370,78 @@ def test_grid_points_are_cell_centres_in_image_order() -> None:
     assert points[0].tolist() == [-1.5, 1.5] and points[3].tolist() == [1.5, 1.5] and points[-1].tolist() == [1.5, -1.5]
 
 
-def test_heatmap_size_and_orientation(tmp_path: Path) -> None:
-    points, _ = grid_points(4.0, 20)
-    top_left = ((points[:, 0] < -2) & (points[:, 1] > 2)).astype(float)
-    path = save_heatmap(top_left.reshape(20, 20), tmp_path / "sub" / "top_left.png", scale=5)
-    lum = luminance(read_png(path))
-    assert lum.shape == (100, 100)
-    assert lum[:20, :20].min() > 200 and lum[25:, :].max() < 20 and lum[:, 25:].max() < 20
-    titled = read_png(save_heatmap(points[:, 1], tmp_path / "y.png", title="y", scale=3))
-    assert titled.shape == (60 + TITLE_HEIGHT, 60, 3)
-    rows = luminance(titled[TITLE_HEIGHT:]).mean(axis=1)
-    assert np.all(np.diff(rows) <= 0) and rows[0] > rows[-1] + 100  # largest y at the top
-    wide = read_png(save_heatmap(np.zeros((2, 3)), tmp_path / "wide.png", scale=4))
-    assert wide.shape == (8, 12, 3)
+@pytest.mark.parametrize("centre", [(2.5, 1.5), (-2.0, -3.0), (-1.0, 2.5)])
+def test_heatmap_shows_a_density_where_its_point_is(tmp_path: Path, centre: tuple[float, float]) -> None:
+    bound, resolution = 4.0, 64
+    points, _ = grid_points(bound, resolution)
+    bump = np.exp(-((points - np.array(centre)) ** 2).sum(axis=1) / 0.3)  # in grid_points' order
+    fig = panels_figure([Heatmap(bump.reshape(resolution, resolution), bound, "bump")])
+    image = read_png(save_figure(fig, tmp_path / "sub" / "bump.png"))
+    assert image.shape[:2] == figure_pixels(1)
+    heatmap, colour_bar = fig.axes
+    assert heatmap.get_xlim() == (-bound, bound) and heatmap.get_ylim() == (-bound, bound)
+    assert colour_bar.get_ylabel() == "density"
+    inside = luminance(axes_pixels(image, heatmap))  # viridis: the largest value is the brightest
+    row, column = np.unravel_index(np.argmax(inside), inside.shape)
+    x = -bound + 2 * bound * (column + 0.5) / inside.shape[1]
+    y = bound - 2 * bound * (row + 0.5) / inside.shape[0]
+    assert abs(x - centre[0]) < 0.3 and abs(y - centre[1]) < 0.3, (x, y)
+    assert not list(tmp_path.rglob("*.partial"))
+
+
+def test_heatmap_non_finite_values_and_range(tmp_path: Path) -> None:
+    field = np.zeros((4, 4))
+    field[0, 0], field[0, 3], field[3, 3] = np.nan, -np.inf, 1.0
+    fig = panels_figure([Heatmap(field, 2.0, "holes")])
+    image = axes_pixels(read_png(save_figure(fig, tmp_path / "nan.png")), fig.axes[0], inset=2)
+    h, w = image.shape[:2]
+    centre = {
+        cell: image[round((r + 0.5) * h / 4), round((c + 0.5) * w / 4)]
+        for cell, (r, c) in {"nan": (0, 0), "-inf": (0, 3), "zero": (1, 1), "one": (3, 3)}.items()
+    }
+    assert centre["nan"].tolist() == [211.0, 211.0, 211.0]  # masked: light grey, outside the colour map
+    assert np.array_equal(centre["-inf"], centre["zero"])  # -inf clipped to the lowest colour
+    assert luminance(centre["one"]) > luminance(centre["zero"]) + 100
+    assert read_png(save_heatmap(np.full((3, 3), np.nan), tmp_path / "all-nan.png", 1.0)).shape[:2] == figure_pixels(1)
+    ranged = panels_figure([Heatmap(np.array([[0.0, 5.0, 10.0, np.inf]]), 1.0, label="log density", dynamic_range=5)])
+    norm = ranged.axes[0].images[0].norm
+    assert (norm.vmin, norm.vmax) == (5.0, 10.0) and ranged.axes[1].get_ylabel() == "log density"
     with pytest.raises(ValueError, match=r"square"):
-        save_heatmap(np.zeros(10), tmp_path / "bad.png")
+        save_heatmap(np.zeros(10), tmp_path / "bad.png", 1.0)
+    with pytest.raises(ValueError, match=r"bound > 0"):
+        save_heatmap(np.zeros((2, 2)), tmp_path / "bad.png", 0.0)
 
 
-def test_heatmap_non_finite_values(tmp_path: Path) -> None:
-    field = np.array([[np.nan, -np.inf], [0.0, 1.0]])
-    image = read_png(save_heatmap(field, tmp_path / "nan.png", scale=1))
-    assert np.array_equal(image[0, 0], COLOUR_ANCHORS[0]) and np.array_equal(image[0, 1], COLOUR_ANCHORS[0])
-    assert np.array_equal(image[1, 1], COLOUR_ANCHORS[-1]) and np.array_equal(image[1, 0], COLOUR_ANCHORS[0])
-    clipped = read_png(save_heatmap(np.array([[0.0, 5.0, 10.0]]), tmp_path / "range.png", scale=1, dynamic_range=5))
-    assert np.array_equal(clipped[0, 0], clipped[0, 1]) and not np.array_equal(clipped[0, 1], clipped[0, 2])
+def test_scatter_draws_points_where_they_are(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    points = np.concatenate([rng.normal(3.0, 0.2, (200, 2)), [[9.0, 0.0], [np.nan, 0.0], [0.0, -np.inf]]])
+    fig = panels_figure([Scatter(points, 4.0, "samples")])
+    image = axes_pixels(read_png(save_figure(fig, tmp_path / "scatter.png")), fig.axes[0], inset=3)
+    inked = np.argwhere(luminance(image) < 200)  # (M, 2) row, column of drawn dots
+    h, w = image.shape[:2]
+    assert len(inked) > 50
+    assert np.all(inked[:, 0] < h / 4) and np.all(inked[:, 1] > 3 * w / 4)  # (3, 3) is the top-right eighth
+    assert len(fig.axes) == 1 and fig.axes[0].get_xlim() == (-4.0, 4.0)
+    assert read_png(save_scatter(points, tmp_path / "s.png", 4.0)).shape[:2] == figure_pixels(1)
+    with pytest.raises(ValueError, match=r"\(N, 2\)"):
+        save_scatter(np.zeros((3, 3)), tmp_path / "bad.png", 4.0)
 
 
-def test_scatter_orientation(tmp_path: Path) -> None:
-    points = np.array([[3.0, 3.0], [3.1, 2.9], [-3.0, -3.0], [9.0, 0.0], [np.nan, 0.0]])
-    image = read_png(save_scatter(points, tmp_path / "scatter.png", bound=4.0, size=64))
-    assert image.shape == (64, 64, 3)
-    lit = np.argwhere(np.any(image != COLOUR_ANCHORS[0], axis=-1))  # (M, 2) row, column
-    top_right = (lit[:, 0] < 32) & (lit[:, 1] >= 32)
-    bottom_left = (lit[:, 0] >= 32) & (lit[:, 1] < 32)
-    assert top_right.sum() >= 1 and bottom_left.sum() == 1 and np.all(top_right | bottom_left)
-    assert [7, 56] in lit.tolist() and [55, 8] in lit.tolist()  # (3, 3): column 56, row 63 - 56
-
-
-def test_panels_tile_in_a_row(tmp_path: Path) -> None:
-    first = save_heatmap(np.zeros((10, 15)), tmp_path / "a.png", scale=2, vmin=0.0, vmax=1.0)
-    second = Image.new("RGB", (40, 25), (0, 255, 0))
-    path = save_panels([first, second], tmp_path / "panels.png")
-    image = read_png(path)
-    assert image.shape == (25, 30 + 4 + 40, 3)
-    assert np.array_equal(image[0, 0], COLOUR_ANCHORS[0]) and image[0, 40].tolist() == [0.0, 255.0, 0.0]
-    assert image[24, 0].tolist() == [255.0, 255.0, 255.0]  # below the shorter panel
-    labelled = read_png(save_panels([first, second], tmp_path / "labelled.png", labels=["data", "samples"]))
-    assert labelled.shape == (25 + TITLE_HEIGHT, 74, 3) and luminance(labelled[:TITLE_HEIGHT]).min() < 128
-    with pytest.raises(ValueError, match=r"1 labels for 2 pictures"):
-        save_panels([first, second], tmp_path / "bad.png", labels=["one"])
+def test_panels_side_by_side_with_titles_and_colour_bars(tmp_path: Path) -> None:
+    panels = [
+        Heatmap(np.eye(8), 2.0, "density"),
+        Scatter(np.zeros((5, 2)), 2.0, "samples"),
+        Curve(np.arange(100), np.linspace(1, 0, 100), "training", ylabel="loss", smooth=10),
+    ]
+    fig = panels_figure(panels, title="run")
+    heatmap, scatter, curve, colour_bar = fig.axes
+    assert [heatmap.get_title(), scatter.get_title(), curve.get_title()] == ["density", "samples", "training"]
+    assert curve.get_xlabel() == "step" and curve.get_ylabel() == "loss" and len(curve.lines) == 2
+    assert colour_bar.get_ylabel() == "density"
+    assert heatmap.get_window_extent().x1 < scatter.get_window_extent().x0 < curve.get_window_extent().x0
+    with Image.open(save_panels(panels, tmp_path / "panels.png", title="run")) as image:
+        assert image.format == "PNG" and image.size == figure_pixels(3, title=True)[::-1]
+    with pytest.raises(ValueError, match=r"at least one panel"):
+        save_panels([], tmp_path / "bad.png")
+    with pytest.raises(ValueError, match=r"one length"):
+        save_panels([Curve(np.arange(3), np.arange(4))], tmp_path / "bad.png")

@@ -18,6 +18,8 @@ from datasets import prepared_digits
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_STEPS = 150
+DISTRIBUTED = {"MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK", "GROUP_RANK"}
+ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
 
 
 def sh(*args: str, **kwargs) -> str:
@@ -27,7 +29,10 @@ def sh(*args: str, **kwargs) -> str:
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory) -> dict[str, str]:
     state = tmp_path_factory.mktemp("slurm")
-    env = {**os.environ, "GLOWLAB_SLURM_DIR": str(state), "SLURM_CONF": str(state / "slurm.conf")}
+    # The jobs inherit this environment (sbatch exports it): leave out what in-process tests of
+    # distributed training may have set in it.
+    inherited = {k: v for k, v in os.environ.items() if k not in DISTRIBUTED and not k.startswith("SLURM_")}
+    env = {**inherited, "GLOWLAB_SLURM_DIR": str(state), "SLURM_CONF": str(state / "slurm.conf")}
     script = str(ROOT / "slurm" / "local-cluster.sh")
     if shutil.which("slurmctld") is None:
         # A fresh Debian machine: install the packages (root and apt needed; that is what CI has).
@@ -44,11 +49,29 @@ def job_field(env: dict[str, str], job: str, field: str) -> str:
     return match.group(1) if match else ""
 
 
-def wait(condition, timeout: float, what: str) -> None:
+def tail(path: Path, chars: int = 3000) -> str:
+    return path.read_text(errors="replace")[-chars:] if path.is_file() else f"({path} does not exist)"
+
+
+def diagnosis(env: dict[str, str], job: str, log: Path) -> str:
+    """What a failed wait needs to be understood from CI output alone: the job, its log, the daemons' logs."""
+    try:
+        info = sh("scontrol", "show", "job", job, env=env)
+    except subprocess.CalledProcessError as error:
+        info = f"scontrol show job {job} failed: {error.stderr}"
+    daemons = Path(env["GLOWLAB_SLURM_DIR"]) / "log"
+    daemon_logs = "".join(f"\n--- {name}\n{tail(daemons / name, 1500)}" for name in ("slurmctld.log", "slurmd.log"))
+    return f"\n--- scontrol show job {job}\n{info}\n--- {log}\n{tail(log)}{daemon_logs}"
+
+
+def wait(condition, timeout: float, what: str, explain=lambda: "", gave_up=lambda: False) -> None:
+    """Poll `condition` every second; stop early once `gave_up()` says it never will be met."""
     deadline = time.time() + timeout
     while not condition():
+        if gave_up():
+            raise AssertionError(f"gave up waiting for {what}{explain()}")
         if time.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
+            raise AssertionError(f"timed out waiting for {what}{explain()}")
         time.sleep(1)
 
 
@@ -82,14 +105,18 @@ def trained(cluster, tmp_path_factory) -> dict:
     metrics = run_dir / "logs" / "run" / "metrics.csv"
     log = tmp_path / f"job-{job}.out"
 
+    explain = lambda: diagnosis(env, job, log)  # noqa: E731
+    ended = lambda: job_field(env, job, "JobState") in ENDED  # noqa: E731
+
     # Signal once training is well under way (a pending job would block `scancel --signal`).
-    wait(lambda: logged_steps(metrics) >= 20, 300, f"job {job} to train 20 steps (see {log})")
+    wait(lambda: job_field(env, job, "JobState") == "RUNNING", 300, f"job {job} to start", explain, ended)
+    wait(lambda: logged_steps(metrics) >= 20, 300, f"job {job} to train 20 steps", explain, ended)
     sh("scancel", "--signal=USR1", job, env=env)
-    wait(lambda: job_field(env, job, "Restarts") == "1", 120, f"job {job} to requeue")
+    wait(lambda: job_field(env, job, "Restarts") == "1", 120, f"job {job} to requeue", explain)
     # A requeued job waits about two minutes before it may start again; let it start now.
-    wait(lambda: job_field(env, job, "JobState") == "PENDING", 60, "the requeued job to be pending")
+    wait(lambda: job_field(env, job, "JobState") == "PENDING", 60, "the requeued job to be pending", explain)
     sh("scontrol", "update", f"JobId={job}", "StartTime=now", env=env)
-    wait(lambda: job_field(env, job, "JobState") in ("COMPLETED", "FAILED", "CANCELLED"), 300, f"job {job} to finish")
+    wait(ended, 300, f"job {job} to finish", explain)
 
     return {"env": env, "job": job, "run_dir": run_dir, "log": log, "data": data, "out": out}
 
@@ -102,7 +129,7 @@ def test_train_sbatch_requeues_on_usr1_and_resumes_without_losing_steps(trained)
     assert preempted.is_file() and not list(run_dir.glob("hpc_ckpt_*.ckpt")), text[-3000:]
     interrupted_at = torch.load(preempted, weights_only=False)["global_step"]
     assert 0 < interrupted_at < MAX_STEPS
-    assert "resuming from" in text and "Restored all states from the checkpoint" in text
+    assert "resuming from" in text and f"glowlab: resumed at step {interrupted_at}" in text
     last = torch.load(run_dir / "logs" / "run" / "checkpoints" / "last.ckpt", weights_only=False)
     assert last["global_step"] == MAX_STEPS
     # The metrics of both starts are in one file: steps before and after the interruption.
@@ -126,7 +153,9 @@ def test_eval_and_sweep_jobs_on_the_trained_checkpoint(trained, tmp_path) -> Non
                str(ROOT / "slurm" / "sweep.sbatch"), "sample", "--num-samples", "4",
                env=sweep_env, cwd=ROOT).strip()  # fmt: skip
     for job in (evaluation, f"{sweep}_0", f"{sweep}_1"):
-        wait(lambda job=job: job_field(env, job, "JobState") in ("COMPLETED", "FAILED", "CANCELLED"), 300, f"job {job}")
+        log = next(tmp_path.glob(f"*{job.split('_')[0]}*.out"), tmp_path / f"{job}.out")
+        wait(lambda job=job: job_field(env, job, "JobState") in ENDED, 300, f"job {job}",
+             lambda job=job, log=log: diagnosis(env, job, log))  # fmt: skip
         assert job_field(env, job, "JobState") == "COMPLETED", "".join(
             p.read_text()[-2000:] for p in tmp_path.glob("*.out")
         )

@@ -106,9 +106,10 @@ def test_fit_on_digits_writes_checkpoints_samples_and_test_bpd(digits_run: Path)
     assert (digits_run / "checkpoints" / "best.ckpt").is_file()
     assert (digits_run / "checkpoints" / "last.ckpt").is_file()
     assert (digits_run / "config.yaml").is_file()
-    grid = Image.open(digits_run / "samples" / "final.png")
-    # 6 temperatures x 10 samples of 8x8 digits enlarged to 32x32, 2-pixel padding.
-    assert grid.size == (10 * 34 + 2, 6 * 34 + 2)
+    for name in ("best.png", "last.png"):  # the tested weights and the final ones
+        grid = Image.open(digits_run / "samples" / name)
+        # 6 temperatures x 10 samples of 8x8 digits enlarged to 32x32, 2-pixel padding, row labels on the left.
+        assert grid.size[1] == 6 * 34 + 2 and grid.size[0] > 10 * 34 + 2
     results = json.loads((digits_run / "test_results.json").read_text())
     assert results["num_test_images"] == 359 and math.log2(17) > results["test_bpd"] > 0
     last = torch.load(digits_run / "checkpoints" / "last.ckpt", weights_only=False)
@@ -132,12 +133,15 @@ def test_test_and_validate_subcommands(digits_run: Path, digits_root: Path, tmp_
     ckpt = str(digits_run / "checkpoints" / "best.ckpt")
     common = ["--config", config, "--ckpt_path", ckpt, "--data.root", str(digits_root), *QUIET]
     main(["test", *common])
-    tested = json.loads((tmp_path / "runs" / "digits" / "version_0" / "test_results.json").read_text())
+    # A checkpoint of a run folder: the evaluation logs into that run (RUN/test-best/), no new version_N.
+    tested = json.loads((digits_run / "test-best" / "test_results.json").read_text())
     fitted = json.loads((digits_run / "test_results.json").read_text())
     assert tested["checkpoint"] == ckpt
     # The same checkpoint, images and (per-sample, seeded) dequantization noise: the same number.
     assert tested["test_bpd"] == pytest.approx(fitted["test_bpd"], abs=1e-6)
     main(["validate", *common])
+    assert (digits_run / "validate-best" / "metrics.csv").is_file()
+    assert not (tmp_path / "runs" / "digits").exists()
 
 
 def test_sample_command_writes_a_grid(digits_run: Path, tmp_path) -> None:
@@ -155,7 +159,7 @@ def test_sample_command_writes_a_grid(digits_run: Path, tmp_path) -> None:
             str(out),
         ]
     )
-    assert Image.open(out).size == (4 * 34 + 2, 4 * 34 + 2)
+    assert Image.open(out).size[1] == 4 * 34 + 2
     sweep = tmp_path / "sweep.png"
     main(
         [
@@ -172,7 +176,7 @@ def test_sample_command_writes_a_grid(digits_run: Path, tmp_path) -> None:
             str(sweep),
         ]
     )
-    assert Image.open(sweep).size == (5 * 34 + 2, 3 * 34 + 2)
+    assert Image.open(sweep).size[1] == 3 * 34 + 2
     with pytest.raises(SystemExit):
         main(["sample", "--ckpt", str(tmp_path / "missing.ckpt")])
 

@@ -45,6 +45,21 @@ def _is_url(root: str) -> bool:
     return "://" in root or root.startswith("pipe:")
 
 
+def prepare_hint(root: str) -> str:
+    """The `glowlab prepare` command that writes ``root``, guessed from its name (cifar10, digits, ...)."""
+    name = root.rstrip("/").rsplit("/", 1)[-1].lower().replace("-", "").replace("_", "")
+    if name.startswith("cifar100"):
+        return f"e.g. `glowlab prepare cifar100 PATH/cifar-100-python.tar.gz --out {root}`"
+    if name.startswith("cifar"):
+        return f"e.g. `glowlab prepare cifar10 PATH/cifar-10-python.tar.gz --out {root}`"
+    if name.startswith("digits"):
+        return f"with `glowlab prepare digits --out {root}`"
+    return (
+        f"e.g. `glowlab prepare folder PATH/images --out {root}` (sources: digits, folder, cifar10, cifar100, npz; "
+        "`glowlab prepare --help`)"
+    )
+
+
 def read_manifest(root: str) -> dict:
     """Load and check ``<root>/manifest.json`` (a folder, URL prefix or ``pipe:`` command prefix)."""
     location = f"{root.rstrip('/')}/manifest.json"
@@ -58,8 +73,7 @@ def read_manifest(root: str) -> dict:
             text = Path(location).read_text()
     except (OSError, ValueError) as exn:
         raise DataError(
-            f"{location}: cannot read the manifest ({exn}); "
-            f"prepare the data first, e.g. `glowlab prepare digits --out {root}`"
+            f"{location}: cannot read the manifest ({exn}); prepare the data first, {prepare_hint(root)}"
         ) from exn
     try:
         manifest = json.loads(text)

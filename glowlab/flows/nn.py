@@ -86,6 +86,38 @@ def coupling_net(
     )
 
 
+def class_offset(
+    embedding: nn.Linear, labels: Tensor | None, num_classes: int, shape: tuple[int, ...], dtype: torch.dtype
+) -> Tensor:
+    """``embedding(one-hot labels)`` as a (B, K, H, W) ``shape``: a class-dependent offset of a prior or a net."""
+    if labels is None:
+        raise ValueError("this model is class-conditional (num_classes is set): pass labels y as the context")
+    # One-hot by comparison, not F.one_hot: one_hot checks the label range on the host (a device
+    # synchronisation), and an embedding lookup's CUDA backward synchronises too.
+    classes = torch.arange(num_classes, device=labels.device)
+    onehot = (labels[:, None] == classes).to(dtype)  # (B, num_classes)
+    return embedding(onehot).view(shape)  # (B, K*H*W) -> (B, K, H, W)
+
+
+def class_embedding(num_classes: int | None, features: int) -> nn.Linear | None:
+    """A zero-initialised linear map of one-hot labels (None without classes): conditioning starts as a no-op."""
+    if not num_classes:
+        return None
+    layer = nn.Linear(num_classes, features)
+    nn.init.zeros_(layer.weight)
+    nn.init.zeros_(layer.bias)
+    return layer
+
+
+def conditioned_net(net: nn.Sequential, x: Tensor, embedding: nn.Linear | None, labels: Tensor | None) -> Tensor:
+    """``net(x)``, with ``embedding``'s class offset added to the first layer's output when there is one."""
+    if embedding is None:
+        return net(x)
+    h = net[0](x)
+    h = h + class_offset(embedding, labels, embedding.in_features, (h.shape[0], -1, 1, 1), h.dtype)
+    return net[1:](h)
+
+
 def affine_net(in_channels: int, hidden_channels: int, transformed: int) -> nn.Sequential:
     """A coupling network whose output is ``[shift | pre-scale]`` for ``transformed`` channels.
 

@@ -76,15 +76,26 @@ def train_classifier(
     out: str | Path | None = None,
     device: str = "cpu",
 ) -> dict:
-    """Train on the train split, report val accuracy, save to ``out`` (default: next to the data)."""
+    """Train on the train split, report val accuracy, save to ``out`` (default: next to the data).
+
+    Deterministic for a ``seed``: the same seed gives bitwise the same weights on CPU (with the same
+    torch build and thread count), so a classifier-feature FID can be reproduced. The saved record
+    holds the seed, epochs, learning rate and batch size beside the weights and val accuracy.
+    """
+    from glowlab.data.prepare import sha256_of
     from glowlab.data.shards import read_samples
     from glowlab.training.datamodule import ShardDataModule
 
+    # The data order (shard order, shuffle buffer) comes from the data module's own seeded
+    # random.Random streams, never from the global random or numpy generators, so ``seed`` fixes it.
     data = ShardDataModule(root=data_root, batch_size=batch_size, shuffle_buffer=4096, seed=seed)
     if not data.num_classes:
         raise ValueError(f"{data_root}: the data has no labels; a feature classifier needs them")
-    torch.manual_seed(seed)
-    model = FeatureClassifier(data.image_shape[0], data.num_classes).to(device)
+    # The initial weights are the only draw from torch's generator; fork it so that seeding here
+    # neither depends on nor changes the caller's random state.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = FeatureClassifier(data.image_shape[0], data.num_classes).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     loader = data.train_dataloader()
     for _ in range(epochs):
@@ -105,12 +116,26 @@ def train_classifier(
         "image_shape": list(data.image_shape),
         "data": manifest_digest(data_root),
         "val_accuracy": accuracy,
+        "seed": seed,
+        "epochs": epochs,
+        "lr": lr,
+        "batch_size": batch_size,
     }
     write_atomic(path, lambda f: torch.save(record, f))
-    return {"path": str(path), "val_accuracy": accuracy, "val_images": len(val.labels)}
+    return {
+        "path": str(path),
+        "sha256": sha256_of(path),
+        "val_accuracy": accuracy,
+        "val_images": len(val.labels),
+        "seed": seed,
+        "epochs": epochs,
+        "data": record["data"],
+    }
 
 
 def load_classifier(path: str | Path) -> tuple[FeatureClassifier, dict]:
+    """The classifier saved by :func:`train_classifier` (in eval mode) and its record (data digest,
+    val accuracy; seed and epochs in files written since they were recorded)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
@@ -11,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from glowlab.files import write_json, write_text
+from glowlab.jobs.args import job_parser
 from glowlab.jobs.common import load_vector_model, log_to_wandb
 from glowlab.likelihood import mean_and_stderr
 from glowlab.models.density import log_densities
@@ -140,7 +140,7 @@ def lab_main(argv: list[str]) -> Path:
     """``glowlab lab``: train each density config on each data set; write the held-out NLL table."""
     from glowlab.data.toy import TOY_DATASETS
 
-    parser = argparse.ArgumentParser(prog="glowlab lab", description=lab_main.__doc__)
+    parser = job_parser("glowlab lab", lab_main.__doc__, small_model=True)
     parser.add_argument("--configs", nargs="+", required=True, help="density configs (configs/density/*.yaml)")
     parser.add_argument(
         "--datasets", nargs="+", default=list(TOY_DATASETS), help="toy data set names and/or .npz/.csv files"

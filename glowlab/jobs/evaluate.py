@@ -5,17 +5,22 @@ from __future__ import annotations
 import argparse
 import math
 
+from glowlab.jobs.args import job_parser
+
 
 def main(argv: list[str]) -> dict:
     """``glowlab evaluate {bpd,fid,fid-merge,train-classifier}``: numbers for a checkpoint, as JSON."""
-    parser = argparse.ArgumentParser(prog="glowlab evaluate", description=main.__doc__)
+    parser = job_parser("glowlab evaluate", main.__doc__)
     jobs = parser.add_subparsers(dest="job", required=True)
 
     def model_and_data(sub: argparse.ArgumentParser) -> None:
         sub.add_argument("--ckpt", required=True, help="checkpoint of glowlab fit, or an exported model folder")
         sub.add_argument("--data", required=True, help="prepared data folder (or URL / pipe: prefix)")
 
-    bpd = jobs.add_parser("bpd", help="bits/dim over several dequantization draws (mean and standard error)")
+    bpd = jobs.add_parser(
+        "bpd",
+        help="bits/dim over several dequantization draws (mean and standard error)",
+    )
     model_and_data(bpd)
     bpd.add_argument("--split", default="test")
     bpd.add_argument("--draws", type=int, default=4, help="dequantization draws per image")
@@ -29,7 +34,11 @@ def main(argv: list[str]) -> dict:
     model_and_data(fid)
     fid.add_argument("--num-samples", type=int, default=10000)
     fid.add_argument("--temperature", type=float, default=1.0)
-    fid.add_argument("--split", default="train", help="real images to compare with")
+    fid.add_argument(
+        "--split",
+        default="train",
+        help="real images to compare with; the real-vs-real reference takes held-out images from test (else val)",
+    )
     fid.add_argument("--features", choices=("inception", "classifier"), default="inception")
     fid.add_argument("--inception-weights", help="torch-fidelity InceptionV3 weights (default: the torch hub cache)")
     fid.add_argument("--classifier", help="feature classifier (default: DATA/fid_classifier.pt)")
@@ -46,9 +55,15 @@ def main(argv: list[str]) -> dict:
     merge.add_argument("parts", nargs="+", help="the part files")
     merge.add_argument("--out", default="fid.json")
 
-    train = jobs.add_parser("train-classifier", help="train the FID feature classifier for a small data set")
+    train = jobs.add_parser(
+        "train-classifier",
+        help="train the FID feature classifier for a small data set",
+    )
     train.add_argument("--data", required=True)
     train.add_argument("--epochs", type=int, default=15)
+    train.add_argument(
+        "--seed", type=int, default=0, help="initial weights and data order: a seed gives the same weights"
+    )
     train.add_argument("--out", help="default: DATA/fid_classifier.pt")
 
     args = parser.parse_args(argv)
@@ -102,6 +117,10 @@ def main(argv: list[str]) -> dict:
         return merge_fid(args.parts, out=args.out)
     from glowlab.jobs.classifier import train_classifier
 
-    result = train_classifier(args.data, epochs=args.epochs, out=args.out)
-    print(f"feature classifier -> {result['path']} (val accuracy {result['val_accuracy']:.3f})")
+    result = train_classifier(args.data, epochs=args.epochs, seed=args.seed, out=args.out)
+    print(
+        f"feature classifier -> {result['path']} (val accuracy {result['val_accuracy']:.3f} on "
+        f"{result['val_images']} images, seed {result['seed']}, {result['epochs']} epochs, "
+        f"sha256 {result['sha256'][:12]})"
+    )
     return result

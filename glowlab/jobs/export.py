@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
+
+from glowlab.jobs.args import job_parser
 
 
 def main(argv: list[str]) -> Path:
@@ -14,7 +15,7 @@ def main(argv: list[str]) -> Path:
     ``--ckpt`` take it. Test metrics come from the run's ``test_results.json`` when it was written
     for this checkpoint.
     """
-    parser = argparse.ArgumentParser(prog="glowlab export", description=main.__doc__)
+    parser = job_parser("glowlab export", main.__doc__)
     parser.add_argument("ckpt", type=Path, help="checkpoint of glowlab fit or glowlab density fit")
     parser.add_argument("out", type=Path, help="the folder to write")
     args = parser.parse_args(argv)

@@ -9,6 +9,8 @@ import argparse
 import math
 from pathlib import Path
 
+from glowlab.jobs.args import job_parser
+
 
 def finite(text: str) -> float:
     """An argparse type: a finite number (``nan`` and ``inf`` are refused, naming the option)."""
@@ -46,7 +48,7 @@ def sample_main(argv: list[str]) -> Path:
     One row per temperature (the same noise scaled by each), or with ``--classes`` one row per
     class of a conditional model. ``--seed`` fixes the grid.
     """
-    parser = argparse.ArgumentParser(prog="glowlab sample", description=sample_main.__doc__)
+    parser = job_parser("glowlab sample", sample_main.__doc__)
     parser.add_argument("--ckpt", required=True, type=Path, help="checkpoint of glowlab fit, or an exported model")
     parser.add_argument("--num-samples", type=int, default=64, help="samples per temperature (or per class)")
     parser.add_argument("--temperature", type=temperature, nargs="+", default=[0.7], help="e.g. 0 0.5 0.7 1")
@@ -67,7 +69,10 @@ def sample_main(argv: list[str]) -> Path:
     rows = len(args.classes) if args.classes else len(args.temperature)
     images = sample_grid(model, args.temperature, args.num_samples, seed=args.seed, classes=args.classes)
     per_row = args.num_samples if rows > 1 else max(1, round(args.num_samples**0.5))
-    path = save_sample_grid(images, per_row, args.out)
+    labels = None
+    if rows > 1:
+        labels = [f"class {c}" for c in args.classes] if args.classes else [f"T={t:g}" for t in args.temperature]
+    path = save_sample_grid(images, per_row, args.out, labels)
     what = f"classes {args.classes}" if args.classes else f"temperature(s) {', '.join(map(str, args.temperature))}"
     print(f"wrote {len(images)} samples at {what} -> {path}")
     log_to_wandb(
@@ -78,12 +83,14 @@ def sample_main(argv: list[str]) -> Path:
 
 def interpolate_main(argv: list[str]) -> Path:
     """``glowlab interpolate``: encode real images, interpolate every level's latent, decode, write a strip."""
-    parser = argparse.ArgumentParser(prog="glowlab interpolate", description=interpolate_main.__doc__)
+    parser = job_parser("glowlab interpolate", interpolate_main.__doc__)
     _model_and_data_args(parser)
     parser.add_argument("--split", default="test")
     parser.add_argument("--indices", type=int, nargs="+", default=[0, 1], help="images of the split to pass through")
     parser.add_argument("--steps", type=int, default=8, help="images per segment, endpoints included")
-    parser.add_argument("--mode", choices=("linear", "slerp"), default="linear")
+    parser.add_argument(
+        "--mode", choices=("linear", "lerp", "slerp"), default="linear", help="lerp is another name for linear"
+    )
     parser.add_argument("--label", type=int, help="conditional models: the class (default: the first image's)")
     parser.add_argument("--out", type=Path, default=Path("interpolation.png"))
     parser.add_argument("--device")
@@ -97,7 +104,7 @@ def interpolate_main(argv: list[str]) -> Path:
     import torch
 
     from glowlab.data.shards import read_samples
-    from glowlab.images import display, interpolate, levels_to_model, save_sample_grid
+    from glowlab.images import display, interpolate, interpolation_rows, levels_to_model, save_sample_grid
     from glowlab.jobs.common import check_data, load_image_model, log_to_wandb
 
     model = load_image_model(args.ckpt, args.device)
@@ -109,8 +116,11 @@ def interpolate_main(argv: list[str]) -> Path:
         y = torch.tensor([args.label if args.label is not None else int(samples.labels[0])], device=device)
     x = levels_to_model(samples.levels, model.n_bins, device)
     frames = interpolate(model, x, steps=args.steps, mode=args.mode, y=y)
-    per_row = args.steps if len(args.indices) == 2 else len(frames)
-    path = save_sample_grid(display(frames, model.n_bins), per_row, args.out)
+    # A row per segment with the real images at its ends, so the path and its inputs are compared.
+    rows = interpolation_rows(display(x, model.n_bins), display(frames, model.n_bins), args.steps)
+    columns = ["input", "", *[f"{t:.2g}" for t in torch.linspace(0, 1, args.steps).tolist()], "", "input"]
+    labels = [f"#{a} to #{b}" for a, b in zip(args.indices, args.indices[1:], strict=False)]
+    path = save_sample_grid(rows, args.steps + 4, args.out, labels, columns)
     print(f"wrote {len(frames)} frames through images {args.indices} of {args.split} -> {path}")
     log_to_wandb(args.wandb_project, "interpolate", vars(args) | {"out": str(path)}, {"interpolation": path})
     return path
@@ -123,7 +133,7 @@ def manipulate_main(argv: list[str]) -> Path:
     over ``--direction-images`` images of ``--direction-split``. ``--attribute`` is ``class=K``
     (label K) or the name of a binary attribute column recorded by prepare (e.g. ``Smiling``).
     """
-    parser = argparse.ArgumentParser(prog="glowlab manipulate", description=manipulate_main.__doc__)
+    parser = job_parser("glowlab manipulate", manipulate_main.__doc__)
     _model_and_data_args(parser)
     parser.add_argument("--attribute", required=True, help="class=K, or an attribute name from the manifest")
     parser.add_argument("--direction-split", default="train")
@@ -170,7 +180,9 @@ def manipulate_main(argv: list[str]) -> Path:
     y = chosen.labels.to(device) if model.num_classes else None
     x = levels_to_model(chosen.levels, model.n_bins, device)
     images = manipulate(model, x, direction, strengths=args.strengths, y=y)
-    path = save_sample_grid(display(images, model.n_bins), len(args.strengths), args.out)
+    labels = [f"#{i}" for i in args.indices]
+    columns = [f"{s:+g}" if s else "0" for s in args.strengths]
+    path = save_sample_grid(display(images, model.n_bins), len(args.strengths), args.out, labels, columns)
     print(f"wrote {len(args.indices)} images x strengths {args.strengths} along {args.attribute} -> {path}")
     log_to_wandb(args.wandb_project, "manipulate", vars(args) | {"out": str(path)}, {"manipulation": path})
     return path

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 from glowlab.data.prepare import PAYLOADS, RESAMPLE, PrepareOptions, prepare
 from glowlab.data.sources import SOURCES, load_source
+from glowlab.jobs.args import job_parser
 
 
 def main(argv: list[str]) -> dict:
     """``glowlab prepare``: write an image source as WebDataset shards and a manifest."""
-    parser = argparse.ArgumentParser(prog="glowlab prepare", description=main.__doc__)
+    parser = job_parser("glowlab prepare", main.__doc__)
     parser.add_argument("source", choices=SOURCES, help="kind of source")
     parser.add_argument("path", nargs="?", help="the source's file or folder (not for digits)")
     parser.add_argument("--out", type=Path, help="output folder (default: data/SOURCE)")

@@ -22,11 +22,12 @@ import torch
 from torch import Tensor
 
 from glowlab.files import write_json
+from glowlab.jobs.args import job_parser
 from glowlab.jobs.common import load_vector_model, log_to_wandb
 from glowlab.likelihood import mean_and_stderr
 from glowlab.models.density import FlowModel, VectorFlowConfig, log_densities
 from glowlab.models.io import save_model
-from glowlab.plots import grid_points, save_heatmap, save_panels, save_scatter
+from glowlab.plots import Curve, Heatmap, Panel, Scatter, grid_points, plot_bound, save_panels
 from glowlab.targets import ENERGIES, energy, energy_window, log_normaliser
 
 
@@ -45,12 +46,12 @@ def reverse_kl_train(
 
     ``log_target(x, beta)`` is the (tempered) unnormalised log-density. Annealing, as in Rezende &
     Mohamed, lets the flow spread before the target's modes pull it in, which avoids collapsing onto
-    one mode. Returns the loss every ``log_every`` steps.
+    one mode. Returns the loss of every step (for a training curve); prints it every ``log_every`` steps.
     """
     torch.manual_seed(seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(1, steps))
-    losses = []
+    losses = []  # detached tensors: reading each as a float would synchronise a GPU every step
     model.train()
     for step in range(steps):
         beta = min(1.0, 0.01 + step / anneal_steps) if anneal_steps > 0 else 1.0
@@ -61,11 +62,11 @@ def reverse_kl_train(
         torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         optimizer.step()
         schedule.step()
+        losses.append(loss.detach())
         if log_every and (step % log_every == 0 or step == steps - 1):
-            losses.append(float(loss.detach()))
-            print(f"step {step:5d}  beta {beta:.2f}  loss {losses[-1]:.4f}")
+            print(f"step {step:5d}  beta {beta:.2f}  loss {float(losses[-1]):.4f}")
     model.eval()
-    return losses
+    return torch.stack(losses).tolist() if losses else []
 
 
 def kl_estimate(
@@ -153,16 +154,12 @@ def fit_target(
     out.mkdir(parents=True, exist_ok=True)
     with torch.no_grad():
         drawn = model.sample(5000, generator=torch.Generator().manual_seed(seed)).double().numpy()
-    parts = [
-        save_heatmap(np.exp(target_logp), out / "target-density.png", scale=max(1, 256 // resolution)),
-        save_heatmap(
-            np.exp(_grid_log_density(model, bound, resolution)),
-            out / "model-density.png",
-            scale=max(1, 256 // resolution),
-        ),
-        save_scatter(drawn, out / "model-samples.png", bound),
+    panels = [
+        Heatmap(np.exp(target_logp), bound, f"target {target}"),
+        Heatmap(np.exp(_grid_log_density(model, bound, resolution)), bound, f"flow density ({family})"),
+        Scatter(drawn, bound, "flow samples"),
     ]
-    panel = save_panels(parts, out / "target.png", labels=["target", "flow density", "flow samples"])
+    panel = save_panels(panels, out / "target.png", title=f"KL(q ‖ p) = {kl:.3f} ± {stderr:.3f} nats")
     metrics = {
         **config,
         "kl": kl,
@@ -192,6 +189,40 @@ def _sampling_seconds(model: FlowModel, n: int, repeats: int = 5) -> float:
     return statistics.median(times)
 
 
+def _distill_panels(
+    teacher: FlowModel, student: FlowModel, teacher_samples: Tensor, losses: list[float], seed: int, resolution: int
+) -> list[Panel]:
+    """Teacher and student log-densities (one colour scale), student samples and the training KL, for 2-D models.
+
+    Models of more dimensions get the training curve alone. The window holds all but the teacher's
+    farthest 0.1% of coordinates.
+    """
+    steps = np.arange(len(losses))
+    curve = Curve(
+        steps,
+        np.asarray(losses),
+        "training",
+        ylabel="KL(student ‖ teacher) per batch, nats",
+        smooth=max(1, len(losses) // 50),
+    )
+    if teacher.features != 2:
+        return [curve]
+    bound = plot_bound(teacher_samples.double().numpy(), margin=1.2, quantile=0.999)
+    teacher_logp = _grid_log_density(teacher, bound, resolution)
+    student_logp = _grid_log_density(student, bound, resolution)
+    # One colour scale for both, so equal colours mean equal densities.
+    top = max(float(f[np.isfinite(f)].max(initial=-math.inf)) for f in (teacher_logp, student_logp))
+    with torch.no_grad():
+        drawn = student.sample(5000, generator=torch.Generator().manual_seed(seed)).double().numpy()
+    scale = {"label": "log density", "vmax": top if math.isfinite(top) else None, "dynamic_range": 10.0}
+    return [
+        Heatmap(teacher_logp, bound, f"teacher ({teacher.config.family}) log density", **scale),
+        Heatmap(student_logp, bound, f"student ({student.config.family}) log density", **scale),
+        Scatter(drawn, bound, "student samples"),
+        curve,
+    ]
+
+
 def distill(
     *,
     teacher: str | Path,
@@ -203,6 +234,7 @@ def distill(
     seed: int = 0,
     kl_samples: int = 20000,
     timing_samples: int = 10000,
+    resolution: int = 128,
     wandb_project: str | None = None,
 ) -> dict[str, Any]:
     """Train an IAF student on a MAF teacher's density by reverse KL, so sampling takes one pass.
@@ -211,7 +243,9 @@ def distill(
     or ``family``) and standardisation. Reports ``KL(student || teacher)`` and
     ``KL(teacher || student)`` in nats, and the sampling speed-up (median wall time of drawing
     ``timing_samples`` vectors, teacher over student). The student is saved as an exported model
-    folder (``student/``), which every job takes in place of a checkpoint.
+    folder (``student/``), which every job takes in place of a checkpoint. ``distill.png`` shows
+    the teacher's and the student's log-densities on one colour scale, student samples and the
+    per-batch KL during training (the curve alone for more than two dimensions).
 
     References: van den Oord et al., "Parallel WaveNet: Fast High-Fidelity Speech Synthesis", ICML 2018.
     """
@@ -225,7 +259,8 @@ def distill(
     torch.manual_seed(seed)
     model = FlowModel.from_config(dataclasses.replace(teacher_config, family=student_family))
     start = time.perf_counter()
-    reverse_kl_train(
+    # The teacher is normalised, so each step's loss is a one-batch estimate of KL(student || teacher).
+    losses = reverse_kl_train(
         model, lambda x, beta: teacher_model.log_prob(x), steps, batch_size, lr, seed, log_every=max(1, steps // 10)
     )
     seconds = time.perf_counter() - start
@@ -253,7 +288,14 @@ def distill(
         "steps": steps,
         "train_seconds": round(seconds, 1),
         "student": str(student),
+        "plot": str(out / "distill.png"),
     }
+    panels = _distill_panels(teacher_model, model, x, losses, seed, resolution)
+    title = (
+        f"KL(student ‖ teacher) = {kl:.3f} ± {kl_se:.3f} nats, "
+        f"KL(teacher ‖ student) = {forward_kl:.3f} ± {forward_se:.3f} nats"
+    )
+    plot = save_panels(panels, out / "distill.png", title=title)
     save_model(model, student, {"kl_student_teacher": kl}, {"teacher": str(teacher)}, source="glowlab distill")
     write_json(out / "metrics.json", metrics)
     print(
@@ -261,7 +303,8 @@ def distill(
         f"KL(teacher || student) {forward_kl:.4f} ± {forward_se:.4f} nats; sampling "
         f"{metrics['sampling_speedup']:.1f}x faster than the teacher -> {out}"
     )
-    log_to_wandb(wandb_project, "distill", {"teacher": str(teacher), "family": student_family}, {}, metrics)
+    wandb_config = {"teacher": str(teacher), "family": student_family}
+    log_to_wandb(wandb_project, "distill", wandb_config, {"distill": plot}, metrics)
     return metrics
 
 
@@ -308,7 +351,7 @@ def _reverse_kl_kwargs(args: argparse.Namespace) -> dict:
 
 def fit_target_main(argv: list[str]) -> dict:
     """``glowlab fit-target``: fit a flow to exp(-U) of a built-in 2-D energy by reverse KL."""
-    parser = argparse.ArgumentParser(prog="glowlab fit-target", description=fit_target_main.__doc__)
+    parser = job_parser("glowlab fit-target", fit_target_main.__doc__, small_model=True)
     parser.add_argument("--target", required=True, choices=ENERGIES)
     _flow_args(parser, "realnvp")
     _reverse_kl_args(parser, steps=5000)
@@ -330,7 +373,7 @@ def fit_target_main(argv: list[str]) -> dict:
 
 def distill_main(argv: list[str]) -> dict:
     """``glowlab distill``: an IAF student trained on a MAF teacher's density (one-pass sampling)."""
-    parser = argparse.ArgumentParser(prog="glowlab distill", description=distill_main.__doc__)
+    parser = job_parser("glowlab distill", distill_main.__doc__, small_model=True)
     parser.add_argument("--teacher", required=True, help="density-lab checkpoint (or exported folder) of a MAF")
     parser.add_argument("--family", help="student family (default: iaf for maf, iaf-spline for maf-spline)")
     _reverse_kl_args(parser, steps=3000)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
+
+from glowlab.jobs.args import job_parser
 
 
 def verify(root: str) -> dict:
@@ -46,7 +47,7 @@ def verify(root: str) -> dict:
 
 def main(argv: list[str]) -> dict:
     """``glowlab verify DATA``: check every shard of a prepared data set against its manifest."""
-    parser = argparse.ArgumentParser(prog="glowlab verify", description=verify.__doc__)
+    parser = job_parser("glowlab verify", verify.__doc__)
     parser.add_argument("data", help="prepared data folder (or URL / pipe: prefix)")
     args = parser.parse_args(argv)
     return verify(args.data)

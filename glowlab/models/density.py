@@ -6,7 +6,7 @@ import dataclasses
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -62,6 +62,26 @@ FAMILIES: dict[str, Family] = {
     "planar": Family(Planar),
     "radial": Family(Radial),
 }
+
+# The family names as a type, so that `glowlab density fit --help` lists them and the parser refuses
+# others; FAMILIES stays the source of truth (tests/test_help.py checks the two name the same families).
+FamilyName = Literal[
+    "maf",
+    "maf-spline",
+    "iaf",
+    "iaf-spline",
+    "realnvp",
+    "nice",
+    "spline-coupling",
+    "lu-spline",
+    "lu-piecewise",
+    "lu-leakyrelu",
+    "iresnet",
+    "irevnet",
+    "cnf",
+    "planar",
+    "radial",
+]
 
 # Arguments the builder passes to every layer class that accepts them.
 _COMMON = ("features", "hidden_features", "hidden_layers")
@@ -128,7 +148,7 @@ class VectorFlowConfig:
     """
 
     features: int = 2
-    family: str = "maf"
+    family: FamilyName = "maf"
     layers: int = 5
     hidden_features: int = 64
     hidden_layers: int = 2

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple, get_args
 
 import torch
 import torch.nn.functional as F
@@ -31,14 +31,24 @@ from glowlab.flows import (
     make_permutation,
     standard_normal_log_prob,
 )
-from glowlab.flows.base import Flow, chain_inverse, check_option, choose, run_forward
+from glowlab.flows.base import Flow, chain_inverse, check_option, choose, run_forward, run_inverse
 from glowlab.flows.conv1x1 import InvConv1x1, LUFactorised, mixing_matrices
 from glowlab.flows.coupling import CheckerboardCoupling
 from glowlab.flows.elementwise import ElementwiseAffine
 from glowlab.flows.invertible import invertible_forward
+from glowlab.flows.priors import CONDITIONINGS
 from glowlab.flows.squeeze import MEMORY_FORMATS, to_memory_format
 
-BACKPROPS = ("standard", "invertible")
+# The named options as types, so that `glowlab fit --help` lists their values and the parser refuses
+# others. The registries (ARCHITECTURES, COUPLINGS, PERMUTATIONS, MEMORY_FORMATS) build the layers and
+# stay the source of truth: tests/test_help.py checks that each type names exactly their entries.
+Architecture = Literal["glow", "realnvp", "nice"]
+Coupling = Literal["affine", "additive", "checkerboard"]
+Permutation = Literal["lu", "conv", "reverse", "shuffle"]
+Backprop = Literal["standard", "invertible"]
+MemoryFormat = Literal["contiguous", "channels_last"]
+Conditioning = Literal["top", "top-position", "priors", "couplings"]
+BACKPROPS: tuple[str, ...] = get_args(Backprop)
 # Options renamed since earlier versions: the old name -> the new one.
 RENAMED = {"step": "architecture", "memory": "backprop"}
 
@@ -58,22 +68,28 @@ class MultiscaleConfig:
     per level. ``backprop="invertible"`` recomputes activations from the outputs in the backward
     pass instead of storing them (:mod:`glowlab.flows.invertible`). ``memory_format`` is how
     activations are stored (``"channels_last"`` or ``"contiguous"``); it changes no value.
+    ``conditioning`` is where a class-conditional model's label acts: ``"top"`` (Glow's: the top
+    prior's mean and scale move by an offset per channel), ``"top-position"`` (per channel and
+    position: a diagonal Gaussian per class over the whole top latent), ``"priors"`` (that, and
+    every level's factored-out latent too) or ``"couplings"`` (every prior and every coupling
+    network, whose first hidden layer gets a learned offset per class).
 
     References: Kingma & Dhariwal, "Glow: Generative Flow with Invertible 1x1 Convolutions", 2018.
     """
 
     image_shape: tuple[int, int, int] = (3, 32, 32)
     n_bins: int = 256
-    architecture: str = "glow"
+    architecture: Architecture = "glow"
     levels: int = 3
     steps: int = 32
     hidden_channels: int = 512
-    coupling: str = "affine"
-    permutation: str = "lu"
+    coupling: Coupling = "affine"
+    permutation: Permutation = "lu"
     learn_top: bool = True
     num_classes: int | None = None
-    backprop: str = "standard"
-    memory_format: str = "channels_last"
+    conditioning: Conditioning = "top"
+    backprop: Backprop = "standard"
+    memory_format: MemoryFormat = "channels_last"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "image_shape", tuple(int(v) for v in self.image_shape))
@@ -82,6 +98,7 @@ class MultiscaleConfig:
         check_option("permutation", self.permutation, tuple(PERMUTATIONS))
         check_option("backprop", self.backprop, BACKPROPS)
         check_option("memory_format", self.memory_format, MEMORY_FORMATS)
+        check_option("conditioning", self.conditioning, CONDITIONINGS)
         if len(self.image_shape) != 3 or min(self.image_shape) < 1:
             raise ValueError(f"image_shape={self.image_shape} is not a (C, H, W) shape")
         _, h, w = self.image_shape
@@ -96,8 +113,16 @@ class MultiscaleConfig:
             )
         if self.num_classes is not None and self.num_classes < 2:
             raise ValueError(f"num_classes must be >= 2 or None, got {self.num_classes}")
+        if self.conditioning in ("priors", "couplings") and self.backprop == "invertible" and self.num_classes:
+            # Invertible backprop recomputes a level as one chain of layers that take no label.
+            raise ValueError(f"conditioning={self.conditioning!r} (labels inside the levels) needs backprop='standard'")
         if self.n_bins < 2:
             raise ValueError(f"n_bins must be >= 2, got {self.n_bins}")
+
+    @property
+    def coupling_classes(self) -> int | None:
+        """The number of classes the coupling networks are conditioned on (None: they take no label)."""
+        return self.num_classes if self.conditioning == "couplings" else None
 
     @classmethod
     def check_names(cls, options: dict[str, Any], where: str = "") -> None:
@@ -153,13 +178,19 @@ class FlowStep(FlowSequence):
     """
 
     def __init__(
-        self, num_channels: int, hidden_channels: int, coupling: str, permutation: str, index: int = 0
+        self,
+        num_channels: int,
+        hidden_channels: int,
+        coupling: str,
+        permutation: str,
+        index: int = 0,
+        num_classes: int | None = None,
     ) -> None:
         super().__init__(
             [
                 ActNorm(num_channels),
                 make_permutation(permutation, num_channels),
-                make_coupling(coupling, num_channels, hidden_channels, index),
+                make_coupling(coupling, num_channels, hidden_channels, index, num_classes),
             ]
         )
         # What :meth:`couple` runs; MultiscaleFlow.compile_steps puts one compiled version shared by all steps here.
@@ -174,31 +205,34 @@ class FlowStep(FlowSequence):
         """Whether ActNorm and the 1x1 convolution can run as one convolution now (ActNorm initialised)."""
         return self.learned_mixing and self.layers[0].is_initialized
 
-    def couple(self, x: Tensor, kernel: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
+    def couple(self, x: Tensor, kernel: Tensor, bias: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """The step with its ActNorm and 1x1 convolution given as one folded ``kernel`` and ``bias``.
 
         Returns the output and the coupling's log-determinant only: the folded layers' part is the
-        same at every pixel and is added by the caller (see :func:`fold_actnorm`).
+        same at every pixel and is added by the caller (see :func:`fold_actnorm`). ``context`` goes
+        to a class-conditional coupling.
         """
-        return self.couple_fn(self, x, kernel, bias)
+        return self.couple_fn(self, x, kernel, bias, context)
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         if not self.foldable():
-            return super().forward(x)  # ActNorm's data-dependent initialisation needs it on its own
+            return super().forward(x, context)  # ActNorm's data-dependent initialisation needs it on its own
         weight, logabsdet = self.layers[1].matrix()
         # (C, C) -> (1, C, C): folded as a batch of one step.
         (kernel,), (bias,), logdet_per_pixel = fold_actnorm(weight[None], [self.layers[0]], logabsdet)
-        y, logdet = self.couple(x, kernel, bias)
+        y, logdet = self.couple(x, kernel, bias, context)
         return y, logdet + logdet_per_pixel * (x.shape[2] * x.shape[3])
 
 
-def folded_step(step: FlowStep, x: Tensor, kernel: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
+def folded_step(
+    step: FlowStep, x: Tensor, kernel: Tensor, bias: Tensor, context: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """``step`` with its ActNorm and 1x1 convolution folded into ``kernel`` and ``bias``.
 
     A free function, so that one ``torch.compile`` of it serves every step: the compiled graph
     takes the step's parameters as inputs and is reused for every step of the same shape.
     """
-    return step.layers[2](F.conv2d(x, kernel, bias))
+    return run_forward(step.layers[2], F.conv2d(x, kernel, bias), context)
 
 
 def fold_actnorm(
@@ -252,7 +286,7 @@ class Level(FlowSequence):
         else:
             x, logdet = self._folded(x, steps, context)
         if self.split is not None:
-            x, ld = self.split(x)
+            x, ld = run_forward(self.split, x, context)
             logdet = logdet + ld
         return x, logdet
 
@@ -266,7 +300,7 @@ class Level(FlowSequence):
                     kernels, biases, per_pixel = fold_actnorm(weights, [step.layers[0] for step in steps], logabsdet)
                     folded = zip(kernels, biases, strict=True)
                     pixels = x.shape[2] * x.shape[3]
-                x, ld = layer.couple(x, *next(folded))
+                x, ld = layer.couple(x, *next(folded), context)
             else:
                 x, ld = run_forward(layer, x, context)
             logdet = ld if logdet is None else logdet + ld
@@ -274,21 +308,24 @@ class Level(FlowSequence):
 
     def inverse(self, y: Tensor, context: Tensor | None = None) -> Tensor:
         if self.split is not None:
-            y = self.split.inverse(y)
+            y = run_inverse(self.split, y, context)
         return chain_inverse(self.layers, y, context)
 
     def inverse_with_logdet(self, y: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         logdet = None
         if self.split is not None:
-            y, logdet = self.split.inverse_with_logdet(y)
+            split = self.split
+            y, logdet = split.inverse_with_logdet(y, context) if split.conditional else split.inverse_with_logdet(y)
         y, ld = super().inverse_with_logdet(y, context)
         return y, ld if logdet is None else logdet + ld
 
 
 def glow_layers(c: int, config: MultiscaleConfig) -> list[Flow]:
     """Glow: the squeeze, then ``steps`` steps of ActNorm, ``permutation`` and ``coupling``."""
+    classes = config.coupling_classes
     return [Squeeze(config.memory_format)] + [
-        FlowStep(4 * c, config.hidden_channels, config.coupling, config.permutation, k) for k in range(config.steps)
+        FlowStep(4 * c, config.hidden_channels, config.coupling, config.permutation, k, classes)
+        for k in range(config.steps)
     ]
 
 
@@ -297,9 +334,9 @@ def realnvp_layers(c: int, config: MultiscaleConfig) -> list[Flow]:
 
     References: Dinh et al., "Density estimation using Real NVP", ICLR 2017.
     """
-    hidden = config.hidden_channels
-    before = [FlowSequence([ActNorm(c), CheckerboardCoupling(c, hidden, k % 2)]) for k in range(config.steps)]
-    after = [FlowStep(4 * c, hidden, "affine", "reverse", k) for k in range(config.steps)]
+    hidden, classes = config.hidden_channels, config.coupling_classes
+    before = [FlowSequence([ActNorm(c), CheckerboardCoupling(c, hidden, k % 2, classes)]) for k in range(config.steps)]
+    after = [FlowStep(4 * c, hidden, "affine", "reverse", k, classes) for k in range(config.steps)]
     return [*before, Squeeze(config.memory_format), *after]
 
 
@@ -309,7 +346,8 @@ def nice_layers(c: int, config: MultiscaleConfig) -> list[Flow]:
     References: Dinh et al., "NICE: Non-linear Independent Components Estimation", 2014.
     """
     steps = [
-        FlowSequence([Reverse(4 * c), AdditiveCoupling(4 * c, config.hidden_channels)]) for _ in range(config.steps)
+        FlowSequence([Reverse(4 * c), AdditiveCoupling(4 * c, config.hidden_channels, config.coupling_classes)])
+        for _ in range(config.steps)
     ]
     return [Squeeze(config.memory_format), *steps]
 
@@ -359,14 +397,20 @@ class MultiscaleFlow(nn.Module):
             if config.architecture == "nice" and level == config.levels - 1:
                 # NICE's couplings keep the volume; this diagonal scaling is what learns it.
                 layers.append(ElementwiseAffine((c, h, w)))
-            split = Split(c) if level < config.levels - 1 else None
+            conditional_split = config.num_classes if config.conditioning in ("priors", "couplings") else None
+            split = Split(c, conditional_split, (h, w)) if level < config.levels - 1 else None
             self.levels.append(Level(layers, split))
             if split is not None:
                 z_shapes.append((c - split.keep, h, w))
                 c = split.keep
         z_shapes.append((c, h, w))
         self._z_shapes = tuple(z_shapes)
-        self.top_prior = TopPrior((c, h, w), learn_top=config.learn_top, num_classes=config.num_classes)
+        self.top_prior = TopPrior(
+            (c, h, w),
+            learn_top=config.learn_top,
+            num_classes=config.num_classes,
+            per_position=config.conditioning != "top",
+        )
         self.class_head = nn.Linear(c, config.num_classes) if config.num_classes else None
         if self.class_head is not None:
             # Zero initialisation: uniform class predictions at the start, as in the reference code.
@@ -442,7 +486,7 @@ class MultiscaleFlow(nn.Module):
             if self.config.backprop == "invertible":
                 h, ld = invertible_forward(level.chain(), h)
             else:
-                h, ld = level(h)
+                h, ld = level(h, y)
             logdets.append(ld)
             h, z = level.chunk(h)
             if z is not None:
@@ -473,7 +517,7 @@ class MultiscaleFlow(nn.Module):
             level = self.levels[i]
             if level.split is not None:
                 h = torch.cat([h, zs[i]], dim=1)
-            h = level.inverse(h)
+            h = level.inverse(h, y)
         return h
 
     def log_prob(self, x: Tensor, y: Tensor | None = None) -> Tensor:

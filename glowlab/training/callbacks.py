@@ -36,10 +36,12 @@ def run_directory(trainer: L.Trainer) -> Path:
 
 
 class SampleGrid(L.Callback):
-    """Saves a PNG grid of samples (one row per temperature) after validation and at the end of fit.
+    """Saves a PNG grid of samples (one row per temperature, labelled) after validation and at the end of fit.
 
-    Files go to ``<log_dir>/samples/step_NNNNNNN.png`` and ``<log_dir>/samples/final.png``; the latent
-    noise is fixed by ``seed`` so successive grids show the same samples improving.
+    Files go to ``<log_dir>/samples/step_NNNNNNN.png`` during training; at the end of fit,
+    ``samples/last.png`` shows the final weights (``last.ckpt``) and ``samples/best.png`` the
+    weights of the best checkpoint, the ones ``test_after_fit`` tests. The latent noise is fixed by
+    ``seed`` so successive grids show the same samples improving.
 
     References: Kingma & Dhariwal, "Glow: Generative Flow with Invertible 1x1 Convolutions", 2018.
     """
@@ -58,13 +60,17 @@ class SampleGrid(L.Callback):
         self._validations = 0
         self.last_path: Path | None = None
 
-    def _save(self, trainer: L.Trainer, pl_module: L.LightningModule, name: str) -> None:
-        images = sample_grid(pl_module.model, self.temperatures, self.per_row, self.seed)
-        self.last_path = save_sample_grid(images, self.per_row, run_directory(trainer) / "samples" / name)
+    def _save(self, trainer: L.Trainer, model: torch.nn.Module, name: str, key: str = "samples") -> None:
+        images = sample_grid(model, self.temperatures, self.per_row, self.seed)
+        labels = [f"T={t:g}" for t in self.temperatures]
+        # A conditional model's columns are its classes 0, 1, 2, ... (see sample_grid): say so above them.
+        classes = [f"y={k % model.num_classes}" for k in range(self.per_row)] if model.num_classes else None
+        path = run_directory(trainer) / "samples" / name
+        self.last_path = save_sample_grid(images, self.per_row, path, labels, column_labels=classes)
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 caption = f"rows: temperature {', '.join(map(str, self.temperatures))}"
-                logger.log_image("samples", [str(self.last_path)], step=trainer.global_step, caption=[caption])
+                logger.log_image(key, [str(self.last_path)], step=trainer.global_step, caption=[caption])
 
     @rank_zero_only
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -72,11 +78,17 @@ class SampleGrid(L.Callback):
             return
         self._validations += 1
         if self._validations % self.every_n_validations == 0:
-            self._save(trainer, pl_module, f"step_{trainer.global_step:07d}.png")
+            self._save(trainer, pl_module.model, f"step_{trainer.global_step:07d}.png")
 
     @rank_zero_only
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._save(trainer, pl_module, "final.png")
+        self._save(trainer, pl_module.model, "last.png", "samples/last")
+        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback is not None else ""
+        if best and Path(best).is_file():
+            from glowlab.models.io import model_from_checkpoint, read_checkpoint
+
+            model = model_from_checkpoint(read_checkpoint(best), best, pl_module.device)
+            self._save(trainer, model, "best.png", "samples/best")
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -3,22 +3,28 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import yaml
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from glowlab.console import quiet_console
 from glowlab.files import write_json
 from glowlab.models import MultiscaleConfig
 from glowlab.models.contract import mismatch
 from glowlab.models.density import VectorFlowConfig
 from glowlab.models.multiscale import RENAMED
+from glowlab.threads import apply_threads
 from glowlab.training.callbacks import AtomicCheckpointIO, Preemption, run_directory
+from glowlab.training.loggers import RunRecord, recorded_wandb_run
+from glowlab.training.progress import RunClock, RunProgress
 
 
 def _check_writable(folder: Path) -> None:
@@ -30,6 +36,29 @@ def _check_writable(folder: Path) -> None:
         probe.unlink()
     except OSError as exn:
         raise ValueError(f"{folder}: the run cannot write its logs and checkpoints there ({exn.strerror})") from exn
+
+
+def _processes_per_node(trainer: Any) -> int:
+    """How many processes of the run share one node's cores: the trainer's devices (``auto``: every GPU, or 1)."""
+    devices = trainer.get("devices")
+    if isinstance(devices, list | tuple):
+        return max(1, len(devices))
+    if isinstance(devices, str) and devices.lstrip("-").isdigit():
+        devices = int(devices)
+    if isinstance(devices, int) and devices > 0:
+        return devices
+    import torch
+
+    on_gpu = str(trainer.get("accelerator") or "auto") in ("auto", "gpu", "cuda")
+    return max(1, torch.cuda.device_count()) if on_gpu and torch.cuda.is_available() else 1
+
+
+def run_of_checkpoint(ckpt_path: str | Path) -> Path | None:
+    """The run folder a checkpoint was written in (``RUN/checkpoints/X.ckpt`` with ``RUN/config.yaml``), or None."""
+    path = Path(ckpt_path)
+    if path.parent.name != "checkpoints" or not (path.parent.parent / "config.yaml").is_file():
+        return None
+    return path.parent.parent
 
 
 def moved_key_message(args: list[str] | None, config_class: type) -> str | None:
@@ -74,12 +103,34 @@ class ResultsCLI(LightningCLI):
 
     metric = "test_bpd"
     flow_config: type = MultiscaleConfig
+    small_model = False  # `threads: auto` gives small models one thread
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        quiet_console()
+        # The progress bar's first line gives the model and its size; Lightning's table is opt-in.
+        kwargs["trainer_defaults"] = {"enable_model_summary": False, **(kwargs.get("trainer_defaults") or {})}
+        super().__init__(*args, **kwargs)
 
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
         trainer = super().instantiate_trainer(**kwargs)
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # not a user's own plugin
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         return trainer
+
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[L.Callback]) -> L.Trainer:
+        """The trainer with glowlab's run callbacks: one progress bar, the run clock, the W&B record."""
+        given = [*(config.get("callbacks") or []), *callbacks]
+        extra: list[L.Callback] = []
+        if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in given):
+            extra.append(RunProgress())
+        if not any(isinstance(c, RunClock) for c in given):
+            extra.append(RunClock())
+        if not any(isinstance(c, RunRecord) for c in given):
+            # The whole resolved config (data, trainer, seed, model), for the W&B run's config.
+            config_now = self.config[self.subcommand] if self.subcommand else self.config
+            resolved = yaml.safe_load(self._parser(self.subcommand).dump(config_now, skip_none=False))
+            extra.append(RunRecord(resolved))
+        return super()._instantiate_trainer(config, [*callbacks, *extra])
 
     def parse_arguments(self, parser, args) -> None:
         message = moved_key_message(args if isinstance(args, list | tuple) or args is None else [], self.flow_config)
@@ -89,6 +140,17 @@ class ResultsCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument(
+            "--threads",
+            type=int | Literal["auto"],
+            default="auto",
+            help="CPU threads of torch in each process: an integer, or auto (OMP_NUM_THREADS if set; else "
+            + (
+                "1, for these small models)."
+                if self.small_model
+                else "the cores this process may use, divided among the processes of a multi-device run on this node)."
+            ),
+        )
+        parser.add_argument(
             "--test_after_fit",
             type=bool,
             default=False,
@@ -96,12 +158,21 @@ class ResultsCLI(LightningCLI):
         )
 
     def before_instantiate_classes(self) -> None:
-        """Folders the run will write (its loggers' and the trainer's) must be writable: one line if not."""
+        """Evaluations of a run's checkpoint log into that run; folders to write must be writable.
+
+        ``validate``/``test`` with ``--ckpt_path RUN/checkpoints/NAME.ckpt`` write their
+        ``metrics.csv``, ``config.yaml`` and ``test_results.json`` into ``RUN/test-NAME/`` (or
+        ``validate-NAME``) instead of a new ``version_N`` folder, and continue the W&B run that
+        ``RUN/wandb.json`` records instead of starting one. An unwritable folder: one line.
+        """
         subcommand = self.config.get("subcommand")
         config = self.config[subcommand] if subcommand else self.config
         trainer = config.get("trainer") or {}
-        folders = [trainer.get("default_root_dir") or "."]
+        self._apply_threads(config.get("threads", "auto"), trainer)
         loggers = trainer.get("logger")
+        if subcommand in ("validate", "test") and config.get("ckpt_path"):
+            self._log_into_run(config["ckpt_path"], loggers)
+        folders = [trainer.get("default_root_dir") or "."]
         for logger in loggers if isinstance(loggers, list) else [loggers]:
             init = getattr(logger, "init_args", None) or (logger.get("init_args") if isinstance(logger, dict) else None)
             save_dir = getattr(init, "save_dir", None) if init is not None else None
@@ -109,6 +180,34 @@ class ResultsCLI(LightningCLI):
                 folders.append(save_dir)
         for folder in folders:
             _check_writable(Path(folder))
+
+    def _apply_threads(self, value: int | str, trainer: Any) -> None:
+        """``--threads`` before the model and data exist; every process of a DDP run applies it."""
+        try:
+            apply_threads(value, processes=_processes_per_node(trainer), small_model=self.small_model)
+        except ValueError as exn:
+            raise ValueError(f"--{exn}") from exn
+
+    def _log_into_run(self, ckpt_path: str, loggers: Any) -> None:
+        run = run_of_checkpoint(ckpt_path)
+        if run is None:
+            return
+        record = recorded_wandb_run(run)
+        for logger in loggers if isinstance(loggers, list) else [loggers]:
+            init = getattr(logger, "init_args", None)
+            class_path = str(getattr(logger, "class_path", ""))
+            if init is None:
+                continue
+            if class_path.endswith("CSVLogger"):
+                # CSVLogger's folder is save_dir/name/version: RUN/test-best here.
+                init.save_dir, init.name, init.version = str(run), "", f"{self.subcommand}-{Path(ckpt_path).stem}"
+            elif class_path.endswith("WandbLogger") and record and not getattr(init, "id", None):
+                if not os.environ.get("WANDB_RUN_ID"):
+                    init.id = record["id"]
+                    # Beside the run's other W&B folders (SAVE_DIR/wandb/offline-run-*), wherever this runs from.
+                    folder = Path(record.get("folder") or "")
+                    if folder.is_absolute() and folder.parent.name == "wandb":
+                        init.save_dir = str(folder.parent.parent)
 
     def _parse_ckpt_path(self) -> None:
         """The model options of a ``--ckpt_path`` checkpoint replace the command line's, saying which.
@@ -186,7 +285,8 @@ class ResultsCLI(LightningCLI):
             return  # stopped by a signal: the run is not finished, so not tested either
         checkpoint = self.trainer.checkpoint_callback
         best = checkpoint.best_model_path if checkpoint is not None else ""
-        self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best or None)
+        # verbose=False: the one result line below replaces Lightning's table.
+        self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best or None, verbose=False)
         self._write_test_results(str(Path(best).resolve()) if best else "final weights")
 
     def after_test(self) -> None:
@@ -235,6 +335,7 @@ class DensityCLI(ResultsCLI):
 
     metric = "test_nll"
     flow_config = VectorFlowConfig
+    small_model = True
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.features", "model.flow.features", apply_on="instantiate")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import multiprocessing
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -19,6 +19,10 @@ from glowlab.data.shards import (
     shard_urls,
 )
 from glowlab.likelihood import dequantize, per_sample_uniform
+
+# The policies as a type, so that `glowlab fit --help` lists them and the parser refuses others
+# (tests/test_help.py checks it names exactly BAD_SAMPLE_POLICIES).
+BadSamples = Literal["error", "skip"]
 
 
 class _TrainLoader(DataLoader):
@@ -85,7 +89,7 @@ class ShardDataModule(L.LightningDataModule):
         n_bits: int | None = None,
         hflip: bool = False,
         max_shift: int = 0,
-        bad_samples: str = "error",
+        bad_samples: BadSamples = "error",
         epoch_size: int | None = None,
         seed: int = 0,
         eval_noise_seed: int = 0,

@@ -22,6 +22,7 @@ from glowlab.training.module import (
     OPTIMIZERS,
     NonFiniteGuard,
     NonFiniteTraining,
+    OptimizerName,
     check_training_options,
     configure_clipping,
     optimizer_with_warmup,
@@ -104,7 +105,7 @@ class DensityModule(L.LightningModule):
     def __init__(
         self,
         flow: VectorFlowConfig = VectorFlowConfig(),
-        optimizer: str = "adam",
+        optimizer: OptimizerName = "adam",
         lr: float = 1e-3,
         weight_decay: float = 0.0,
         warmup_steps: int = 0,

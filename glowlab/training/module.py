@@ -3,21 +3,25 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
+from glowlab.console import glowlab_logger
 from glowlab.flows.base import check_option
 from glowlab.likelihood import bits_per_dim
 from glowlab.models import MultiscaleConfig, MultiscaleFlow
 from glowlab.training.capture import CapturedStep
 
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamax": torch.optim.Adamax}
+# Their names as a type, so that `glowlab fit --help` lists them and the parser refuses others
+# (tests/test_help.py checks it names exactly the entries of OPTIMIZERS).
+OptimizerName = Literal["adam", "adamax"]
 
 
 def optimizer_with_warmup(module: nn.Module, hp: Any, loss_scaling: bool = False) -> dict[str, Any]:
@@ -167,7 +171,7 @@ class GlowModule(L.LightningModule):
         self,
         flow: MultiscaleConfig = MultiscaleConfig(),
         class_weight: float = 0.01,
-        optimizer: str = "adamax",
+        optimizer: OptimizerName = "adamax",
         lr: float = 1e-3,
         weight_decay: float = 0.0,
         warmup_steps: int = 1000,
@@ -307,7 +311,7 @@ class GlowModule(L.LightningModule):
         """Print ``message`` once per run (rank 0)."""
         if message not in self._said:
             self._said.add(message)
-            rank_zero_info(f"glowlab: {message}")
+            rank_zero_only(glowlab_logger().info)(f"glowlab: {message}")
 
     def _eval_step(self, batch: tuple[Tensor, ...], stage: str) -> None:
         x, y = self._inputs(batch)
