@@ -47,6 +47,20 @@ def test_evaluate_bpd_agrees_with_the_logged_validation_bpd(run, tmp_path) -> No
     assert 0 < four["stderr"] < 0.1
 
 
+def test_importance_weighted_bpd_equals_the_plain_figure_at_one_draw_and_tightens(run, tmp_path) -> None:
+    common = ["evaluate", "bpd", "--ckpt", str(run["ckpt"]), "--data", str(run["data"]), "--split", "val"]
+    bounds = {}
+    for k in (1, 8, 32):
+        main([*common, "--importance", str(k), "--out", str(tmp_path / f"k{k}.json")])
+        result = json.loads((tmp_path / f"k{k}.json").read_text())
+        assert result["draws"] == k and result["importance_weighted"]["draws"] == k
+        bounds[k] = result["importance_weighted"]["bpd"]
+        assert bounds[k] <= result["bpd"] + 1e-12 and 0 < result["importance_weighted"]["stderr"] < 0.1
+        if k == 1:
+            assert bounds[1] == pytest.approx(result["bpd"], abs=1e-12)
+    assert bounds[1] > bounds[8] > bounds[32]
+
+
 def test_feature_classifier_learns_the_digits(run) -> None:
     result = train_classifier(str(run["data"]), epochs=15)
     assert result["val_accuracy"] > 0.85 and Path(result["path"]).is_file()

@@ -50,3 +50,18 @@ def test_to_unit_range_maps_levels_to_display_intensities() -> None:
     x = bin_centers(torch.tensor([0, 8, 16]), 17)
     assert to_unit_range(x, 17).tolist() == [0.0, 0.5, 1.0]
     assert to_unit_range(torch.tensor([-3.0, 3.0]), 17).tolist() == [0.0, 1.0]  # clamped
+
+
+def test_importance_weighted_bits_per_dim_by_hand() -> None:
+    from glowlab.likelihood import importance_weighted_bits_per_dim
+
+    # One dimension, two draws of 1 and 3 bits: weights 2^-1 and 2^-3, their mean 0.3125, -log2 = 1.678...
+    bits = torch.tensor([[1.0, 2.0], [3.0, 2.0]])
+    bound = importance_weighted_bits_per_dim(bits, num_dims=1)
+    torch.testing.assert_close(bound, torch.tensor([-math.log2(0.3125), 2.0], dtype=torch.float64))
+    # K = 1 is the draw itself; the bound never exceeds the mean of the draws (Jensen).
+    torch.testing.assert_close(importance_weighted_bits_per_dim(bits[:1], 1), bits[0].double())
+    assert bool((bound <= bits.double().mean(0) + 1e-12).all())
+    # Large images: per-draw likelihoods of -1e5 nats would underflow as weights; log space keeps them.
+    deep = importance_weighted_bits_per_dim(torch.tensor([[3.0], [3.0]]), num_dims=50_000)
+    torch.testing.assert_close(deep, torch.tensor([3.0], dtype=torch.float64))

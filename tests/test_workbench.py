@@ -172,3 +172,15 @@ def test_report_of_a_conditional_run_measures_the_class_of_its_samples(logged_ru
     for name in ("curves", "samples", "reconstruction", "neighbours", "neighbour_pairs", "extremes"):
         assert Path(result["figures"][name]).is_file(), name
     assert all(row["changed"] == 0.0 for row in result["reconstruction"])
+
+
+def test_threads_before_or_after_a_sub_command(monkeypatch) -> None:
+    from glowlab.jobs.args import job_parser
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # auto then means 1: nothing changes for the other tests
+    parser = job_parser("glowlab evaluate", None)
+    jobs = parser.add_subparsers(dest="job")
+    jobs.add_parser("bpd")
+    assert parser.parse_args(["--threads", "1", "bpd"]).threads == "1"  # not overwritten by the sub-command
+    assert parser.parse_args(["bpd", "--threads", "1"]).threads == "1"
+    assert parser.parse_args(["bpd"]).threads == "auto"

@@ -26,11 +26,21 @@ class JobHelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 
 class _SubParser(argparse.ArgumentParser):
-    """A job's sub-command (``evaluate bpd``): the same help style, the thread option on the parent."""
+    """A job's parser style; a sub-command's own parser (``evaluate bpd``) is of this kind.
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    Every one takes ``--threads`` (before or after a sub-command's name); its default is set once,
+    on the job's top parser, so a sub-command's parser never overwrites a value given before it.
+    """
+
+    def __init__(self, *args: Any, small_model: bool = False, **kwargs: Any) -> None:
         kwargs.setdefault("formatter_class", JobHelpFormatter)
         super().__init__(*args, **kwargs)
+        self.add_argument(
+            "--threads",
+            default=argparse.SUPPRESS,
+            help="CPU threads of torch: an integer, or auto (the default: OMP_NUM_THREADS if set, else "
+            + ("1 for these small models)" if small_model else "the cores this process may use)"),
+        )
 
     def _add_action(self, action: argparse.Action) -> argparse.Action:
         # argparse prints nothing for an option without help text: give it a line for its default.
@@ -40,17 +50,12 @@ class _SubParser(argparse.ArgumentParser):
 
 
 class JobParser(_SubParser):
-    """An argument parser for a job, with ``--threads``, applied as soon as the arguments are parsed."""
+    """An argument parser for a job, whose ``--threads`` is applied as soon as the arguments are parsed."""
 
     def __init__(self, *args: Any, small_model: bool = False, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+        super().__init__(*args, small_model=small_model, **kwargs)
         self.small_model = small_model
-        self.add_argument(
-            "--threads",
-            default=AUTO,
-            help="CPU threads of torch: an integer, or auto (OMP_NUM_THREADS if set, else "
-            + ("1 for these small models)" if small_model else "the cores this process may use)"),
-        )
+        self.set_defaults(threads=AUTO)
 
     def add_subparsers(self, **kwargs: Any) -> argparse._SubParsersAction:
         kwargs.setdefault("parser_class", _SubParser)

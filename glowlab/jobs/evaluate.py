@@ -24,6 +24,12 @@ def main(argv: list[str]) -> dict:
     model_and_data(bpd)
     bpd.add_argument("--split", default="test")
     bpd.add_argument("--draws", type=int, default=4, help="dequantization draws per image")
+    bpd.add_argument(
+        "--importance",
+        type=int,
+        metavar="K",
+        help="also the importance-weighted bound -log mean_k p(x + u_k) / q(u_k) over K draws (sets --draws K)",
+    )
     bpd.add_argument("--batch-size", type=int, default=256)
     bpd.add_argument("--devices", default="1", help="devices for DDP (an int, or 'auto')")
     bpd.add_argument("--accelerator", default="auto")
@@ -70,6 +76,10 @@ def main(argv: list[str]) -> dict:
     if args.job == "bpd":
         if not (args.devices == "auto" or (args.devices.isdigit() and int(args.devices) >= 1)):
             parser.error(f"--devices {args.devices!r}: a number of devices >= 1, or auto")
+        if args.importance is not None:
+            if args.importance < 1:
+                parser.error("--importance must be >= 1")
+            args.draws = args.importance
         if args.draws < 1:
             parser.error("--draws must be >= 1")
         from glowlab.jobs.bpd import evaluate_bpd
@@ -84,6 +94,7 @@ def main(argv: list[str]) -> dict:
             accelerator=args.accelerator,
             out=args.out,
             num_workers=args.num_workers,
+            importance=args.importance is not None,
         )
     if args.job == "fid":
         from glowlab.jobs.fid import evaluate_fid
