@@ -186,6 +186,12 @@ CONTRACT: dict[str, Case] = {
     "glow-conditional-couplings": Case(
         _glow(num_classes=3, conditioning="couplings"), (2, 4, 4), scale=0.3, context=_labels
     ),
+    "nice-conditional-couplings": Case(
+        _glow(architecture="nice", coupling="additive", levels=1, num_classes=3, conditioning="couplings"),
+        (2, 4, 4),
+        scale=0.3,
+        context=_labels,
+    ),
     "realnvp-conditional-couplings": Case(
         _glow(architecture="realnvp", num_classes=3, conditioning="couplings"), (2, 4, 4), scale=0.3, context=_labels
     ),

@@ -20,13 +20,12 @@ from glowlab.plots import density_panel, plot_bound
 from glowlab.training.callbacks import run_directory
 from glowlab.training.module import (
     OPTIMIZERS,
+    GuardedTraining,
     NonFiniteGuard,
     NonFiniteTraining,
     OptimizerName,
     check_training_options,
-    configure_clipping,
     optimizer_with_warmup,
-    refuse_nonfinite,
 )
 
 
@@ -91,7 +90,7 @@ class VectorDataModule(L.LightningDataModule):
         return self._loader("test", self.hparams.eval_batch_size, shuffle=False)
 
 
-class DensityModule(L.LightningModule):
+class DensityModule(GuardedTraining, L.LightningModule):
     """Trains a :class:`~glowlab.models.density.FlowModel` of any family by maximum likelihood.
 
     The loss is the mean negative log-likelihood in nats per vector, of the data in its own units:
@@ -149,14 +148,6 @@ class DensityModule(L.LightningModule):
 
     def test_step(self, batch: list[Tensor], batch_idx: int) -> None:
         self._eval_step(batch, "test")
-
-    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
-        norm = configure_clipping(self, gradient_clip_val, gradient_clip_algorithm)
-        if norm is not None and self._step_loss is not None:
-            self.nonfinite(self, optimizer, self._step_loss, norm)
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        refuse_nonfinite(checkpoint["state_dict"])
 
     def configure_optimizers(self) -> Any:
         return optimizer_with_warmup(self, self.hparams)

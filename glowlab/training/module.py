@@ -139,7 +139,32 @@ class NonFiniteGuard:
             )
 
 
-class GlowModule(L.LightningModule):
+class GuardedTraining:
+    """The Lightning hooks every glowlab module shares: clipping that feeds the non-finite guard, and
+    checkpoints that refuse non-finite values.
+
+    The module sets ``self.nonfinite`` (a :class:`NonFiniteGuard`) and ``self._step_loss`` (the
+    current step's loss) in its training step.
+    """
+
+    nonfinite: NonFiniteGuard
+    _step_loss: Tensor | None
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        norm = configure_clipping(self, gradient_clip_val, gradient_clip_algorithm)
+        if norm is not None and self._step_loss is not None:
+            self.nonfinite(self, optimizer, self._step_loss, norm)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        refuse_nonfinite(checkpoint["state_dict"])
+
+
+class GlowModule(GuardedTraining, L.LightningModule):
     """Trains :class:`glowlab.models.Glow`; the loss is the negative log-likelihood in bits/dim.
 
     ``flow`` is the model's config (:class:`~glowlab.models.MultiscaleConfig`; ``model.flow.*`` on the
@@ -348,19 +373,6 @@ class GlowModule(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self._log_skipped()
-
-    def configure_gradient_clipping(
-        self,
-        optimizer: torch.optim.Optimizer,
-        gradient_clip_val: float | None = None,
-        gradient_clip_algorithm: str | None = None,
-    ) -> None:
-        norm = configure_clipping(self, gradient_clip_val, gradient_clip_algorithm)
-        if norm is not None and self._step_loss is not None:
-            self.nonfinite(self, optimizer, self._step_loss, norm)
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        refuse_nonfinite(checkpoint["state_dict"])
 
     def configure_optimizers(self) -> Any:
         scaler = self._trainer is not None and getattr(self.trainer.precision_plugin, "scaler", None) is not None
