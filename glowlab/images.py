@@ -17,22 +17,24 @@ from torchvision.utils import make_grid
 
 from glowlab.files import write_atomic
 from glowlab.likelihood import bin_centers, to_unit_range
-from glowlab.models import MultiscaleFlow
+from glowlab.models import ImageFlow
 
 
 def sample_grid(
-    model: MultiscaleFlow,
+    model: ImageFlow,
     temperatures: Sequence[float],
     per_row: int,
     seed: int = 0,
     min_pixels: int = 32,
     classes: Sequence[int] | None = None,
+    guidance: float = 0.0,
 ) -> Tensor:
     """Samples as display intensities in [0, 1], ``per_row`` to a row.
 
     One row per temperature: the same latent noise (from ``seed``) scaled by each temperature, so
     rows differ only in temperature; conditional models get labels 0, 1, 2, ... along each row.
     With ``classes`` (conditional models), one row per class instead, at the first temperature.
+    ``guidance`` is classifier-free guidance (class-conditional transformer flows).
     Images smaller than ``min_pixels`` are enlarged with nearest-neighbour so 8x8 digits are legible.
     """
     was_training = model.training
@@ -51,7 +53,9 @@ def sample_grid(
         y = torch.arange(per_row, device=device) % model.num_classes if model.num_classes else None
         rows = [(t, y) for t in temperatures]
     with torch.no_grad():
-        images = torch.cat([model.decode([t * z for z in base], y) for t, y in rows])  # (rows * per_row, C, H, W)
+        images = torch.cat(
+            [model.decode_samples([t * z for z in base], y, guidance) for t, y in rows]
+        )  # (rows * per_row, C, H, W)
     model.train(was_training)
     return display(images, model.n_bins, min_pixels)
 
@@ -160,7 +164,7 @@ def slerp(a: Tensor, b: Tensor, t: float) -> Tensor:
     return torch.where(sin > 1e-6, spherical, linear).reshape(a.shape)  # (B, D) -> a's shape
 
 
-def interpolate(model: MultiscaleFlow, x: Tensor, steps: int, mode: str = "linear", y: Tensor | None = None) -> Tensor:
+def interpolate(model: ImageFlow, x: Tensor, steps: int, mode: str = "linear", y: Tensor | None = None) -> Tensor:
     """Decoded images along the path through ``x[0], x[1], ...`` with ``steps`` images per segment.
 
     Every level's latent is interpolated. Returns (segments * (steps - 1) + 1, C, H, W); segment
@@ -204,7 +208,7 @@ def interpolation_rows(inputs: Tensor, frames: Tensor, steps: int) -> Tensor:
     return torch.cat(rows)
 
 
-def attribute_direction(model: MultiscaleFlow, x: Tensor, has: Tensor, y: Tensor | None = None) -> list[Tensor]:
+def attribute_direction(model: ImageFlow, x: Tensor, has: Tensor, y: Tensor | None = None) -> list[Tensor]:
     """Per level: mean latent of images with the attribute minus the mean of those without.
 
     References: Kingma & Dhariwal, "Glow: Generative Flow with Invertible 1x1 Convolutions", 2018 (Sec. 5).
@@ -220,7 +224,7 @@ def attribute_direction(model: MultiscaleFlow, x: Tensor, has: Tensor, y: Tensor
 
 
 def manipulate(
-    model: MultiscaleFlow, x: Tensor, direction: list[Tensor], strengths: Sequence[float], y: Tensor | None = None
+    model: ImageFlow, x: Tensor, direction: list[Tensor], strengths: Sequence[float], y: Tensor | None = None
 ) -> Tensor:
     """Each image with ``strength * direction`` added to its latents: (len(x) * len(strengths), C, H, W), row-major."""
     with torch.no_grad():

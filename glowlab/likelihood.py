@@ -12,6 +12,11 @@ Conventions (the Glow paper's, used everywhere in glowlab):
   ``bpd = (-log p(x) + D · log(n_bins)) / (D · ln 2)``.
   A model that is uniform on [-0.5, 0.5)^D has ``log p = 0`` and scores exactly
   ``log2(n_bins)`` bits/dim: 8 for 8-bit data.
+* Variational dequantization (Flow++) draws ``u`` from a learned density ``q(u | k)`` on the bin
+  instead. The bound becomes ``log P(k) >= E_q[log p(x) - log q(u | k)] - D · log(n_bins)``, so
+  ``bpd = (-log p(x) + log q(u | k) + D · log(n_bins)) / (D · ln 2)``; uniform noise is the case
+  ``q = 1`` (``log q = 0``) of the same formula, and the best ``q`` (the model's own distribution of
+  ``x`` within the bin) makes the bound exact.
 * scikit-learn's digits have 17 grey levels (0..16). glowlab models them with ``n_bins = 17``:
   every observed level is its own bin, nothing is merged and no empty bins are invented, so the
   bound is on the likelihood of the data exactly as shipped; the uniform baseline is
@@ -80,11 +85,24 @@ def bits_per_dim(log_prob: Tensor, num_dims: int, n_bins: int) -> Tensor:
     return (-log_prob + num_dims * math.log(n_bins)) / (num_dims * math.log(2.0))
 
 
+def variational_bits_per_dim(log_prob: Tensor, log_q: Tensor, num_dims: int, n_bins: int) -> Tensor:
+    """Bits/dim of the variational bound: ``(-log p(x) + log q(u | k) + D · log(n_bins)) / (D · ln 2)``.
+
+    ``log_prob`` is the model's continuous log-density of the dequantized image ``x = (k + u) /
+    n_bins - 0.5`` and ``log_q`` the log-density of its noise ``u`` on the unit bin, both in nats,
+    shape (B,). ``log_q = 0`` (uniform noise) gives :func:`bits_per_dim`.
+
+    References: Ho et al., "Flow++", ICML 2019, eq. (12).
+    """
+    return bits_per_dim(log_prob - log_q, num_dims, n_bins)
+
+
 def importance_weighted_bits_per_dim(bits: Tensor, num_dims: int) -> Tensor:
     """The importance-weighted bound of K dequantization draws, in bits/dim.
 
     ``bits`` (K, B) holds each draw's bits/dim, ``-log2(p(x + u_k) / q(u_k)) / D`` (what
-    :func:`bits_per_dim` gives for uniform noise, whose density on the bin is ``q = n_bins^D``).
+    :func:`variational_bits_per_dim` gives; :func:`bits_per_dim` for uniform noise, whose density
+    on the bin is ``q = n_bins^D``).
     Returns (B,) ``-log2(mean_k p(x + u_k) / q(u_k)) / D``, computed with ``logsumexp`` in float64 so
     no weight underflows: K = 1 is the draw itself, and the bound tightens towards the discrete
     model's exact bits/dim as K grows.

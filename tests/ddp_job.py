@@ -1,6 +1,6 @@
 """A 2-process DDP run on CPU (gloo), started by test_ddp.py: records what each rank read.
 
-Usage: python tests/ddp_job.py DATA_ROOT OUT_DIR [--compile] [--cuda-graphs]
+Usage: python tests/ddp_job.py DATA_ROOT OUT_DIR [--compile] [--cuda-graphs] [--ema-variational]
 """
 
 from __future__ import annotations
@@ -33,7 +33,9 @@ class Recorder(L.Callback):
         self.test += batch[2].tolist()
 
 
-def main(root: str, out: str, compile_model: bool = False, cuda_graphs: bool = False) -> None:
+def main(
+    root: str, out: str, compile_model: bool = False, cuda_graphs: bool = False, ema_variational: bool = False
+) -> None:
     L.seed_everything(0)
     data = ShardDataModule(
         root=root, batch_size=16, eval_batch_size=50, num_workers=2, shuffle_buffer=16, epoch_size=640
@@ -49,6 +51,7 @@ def main(root: str, out: str, compile_model: bool = False, cuda_graphs: bool = F
         backprop="invertible",
         compile=compile_model,
         cuda_graphs=cuda_graphs,
+        **({"ema_decay": 0.9, "dequantization": "variational", "dequantization_steps": 2} if ema_variational else {}),
     )
     model.capture_backend = "emulated"  # a capture would be possible on this CPU: DDP must refuse it
     recorder = Recorder()
@@ -74,8 +77,9 @@ def main(root: str, out: str, compile_model: bool = False, cuda_graphs: bool = F
         "test": recorder.test,
         "test_bpd": test_bpd,
         "actnorm_bias": actnorm.bias.flatten().tolist(),
-        # Replicas stay equal only if every gradient was all-reduced.
+        # Replicas stay equal only if every gradient was all-reduced (a weight average's copy included).
         "parameters": torch.cat([p.detach().flatten() for p in model.parameters()]).tolist(),
+        "averaged": model.ema is not None and model.ema.updates,
         "messages": sorted(model._said),
         "captured": model._graph is not None,
     }
@@ -85,6 +89,11 @@ def main(root: str, out: str, compile_model: bool = False, cuda_graphs: bool = F
 
 
 if __name__ == "__main__":
+    options = sys.argv[3:]
     main(
-        sys.argv[1], sys.argv[2], compile_model="--compile" in sys.argv[3:], cuda_graphs="--cuda-graphs" in sys.argv[3:]
+        sys.argv[1],
+        sys.argv[2],
+        compile_model="--compile" in options,
+        cuda_graphs="--cuda-graphs" in options,
+        ema_variational="--ema-variational" in options,
     )

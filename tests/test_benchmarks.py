@@ -113,3 +113,30 @@ def test_main_job_reports_its_wall_time_and_test_bpd(tmp_path) -> None:
     row = json.loads(out.read_text())["eager"]
     assert 0 < row["fit_s"] < row["wall_s"] and 2.0 < row["test_bpd"] < 6.0
     assert f"test bits/dim {row['test_bpd']:.4f}" in printed
+
+
+def test_transformer_sampling_times_both_paths_and_they_agree(tmp_path) -> None:
+    import transformer_sampling
+
+    result = transformer_sampling.main(["--num-samples", "2", "--repeats", "1", "--out", str(tmp_path / "t.json")])
+    assert result["patches"] == 16 and result["cached_s"] > 0 and result["uncached_s"] > 0
+    assert result["max_abs_difference"] == 0.0
+    assert json.loads((tmp_path / "t.json").read_text())["speedup"] == result["speedup"]
+
+
+def test_vs_normflows_quick_run_scores_every_model_on_the_same_batches(tmp_path) -> None:
+    out = tmp_path / "vs_normflows.json"
+    cmd = [sys.executable, str(BENCHMARKS / "vs_normflows.py"), "--quick", "--draws", "1", "--ema", "0.9"]
+    printed = subprocess.run([*cmd, "--out", str(out)], check=True, capture_output=True, text=True).stdout
+    result = json.loads(out.read_text())
+    (run,) = result["runs"]
+    rows = run["results"]
+    assert set(rows) == {"glowlab", "normflows", "glowlab+ema"} and run["same_training_batches"]
+    assert result["config"]["steps"] == 50 and result["config"]["seeds"] == [0]
+    assert abs(rows["glowlab"]["parameters"] - rows["normflows"]["parameters"]) < 0.01 * rows["glowlab"]["parameters"]
+    for row in rows.values():
+        assert 2.0 < row["test_bpd"] < 6.0 and row["test_stderr"] > 0 and row["img_s"] > 0
+        assert row["test_images"] == 359
+    difference = result["difference_bpd"]["glowlab - normflows"]["mean"]
+    assert difference == pytest.approx(rows["glowlab"]["test_bpd"] - rows["normflows"]["test_bpd"], abs=1e-9)
+    assert f"glowlab - normflows: {difference:+.4f}" in printed

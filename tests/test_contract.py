@@ -49,7 +49,8 @@ from glowlab.flows import (
     VectorCoupling,
 )
 from glowlab.flows.base import run_forward, run_inverse
-from glowlab.models import FlowModel, FlowStep, MultiscaleFlow
+from glowlab.flows.transformer import AutoregressiveBlock
+from glowlab.models import FlowModel, FlowStep, ImageFlow, MultiscaleConfig, MultiscaleFlow, image_flow
 from glowlab.models.density import VectorFlowConfig
 
 DT = torch.float64
@@ -90,6 +91,13 @@ def _glow(**options) -> Callable[[], MultiscaleFlow]:
     base = dict(image_shape=(2, 4, 4), levels=2, steps=2, hidden_channels=8)
     context = _labels if "num_classes" in options else None
     return lambda: _initialised(MultiscaleFlow(**{**base, **options}), (2, 4, 4), context)
+
+
+def _transformer(**options) -> Callable[[], ImageFlow]:
+    config = MultiscaleConfig(
+        image_shape=(2, 4, 4), architecture="transformer", steps=2, hidden_channels=8, heads=2, layers_per_block=1
+    )
+    return lambda: _seeded(image_flow(MultiscaleConfig(**{**config.to_dict(), **options})), scale=0.2)
 
 
 def _iresnet(logdet: str) -> InvertibleResidual:
@@ -150,6 +158,12 @@ CONTRACT: dict[str, Case] = {
         lambda: _initialised(FlowStep(4, 8, "checkerboard", "conv", 1), (4, 4, 4)), (4, 4, 4)
     ),
     "sequence": Case(lambda: _seeded(FlowSequence([Squeeze(), InvConv1x1LU(16), AffineCoupling(16, 8)])), (4, 4, 4)),
+    "transformer-block": Case(lambda: _seeded(AutoregressiveBlock(4, 3, 8, 2, 1), scale=0.2), (3, 4)),
+    "transformer-block-reversed-conditional": Case(
+        lambda: _seeded(AutoregressiveBlock(4, 3, 8, 2, 1, num_classes=3, reverse=True), scale=0.2),
+        (3, 4),
+        context=_labels,
+    ),
     "elementwise-affine-image": Case(lambda: _seeded(ElementwiseAffine((2, 2, 2)), 0.5, 1), (2, 2, 2), scale=2.5),
     # vector layers, (D,) inputs spread over and beyond the splines' bound
     "elementwise-affine": Case(lambda: _seeded(ElementwiseAffine(5), 0.5, 1), (5,), scale=2.5),
@@ -199,13 +213,17 @@ CONTRACT: dict[str, Case] = {
     "glow-fixed-top": Case(_glow(coupling="additive", permutation="reverse", learn_top=False), (2, 4, 4), scale=0.3),
     "realnvp": Case(_glow(architecture="realnvp"), (2, 4, 4), scale=0.3),
     "nice": Case(_glow(architecture="nice", coupling="additive", levels=1, learn_top=False), (2, 4, 4), scale=0.3),
+    "transformer": Case(_transformer(), (2, 4, 4), scale=0.3),
+    "transformer-conditional-patch1": Case(
+        _transformer(num_classes=3, patch_size=1), (2, 4, 4), scale=0.3, context=_labels
+    ),
     "vector-maf": Case(_vector_model("maf"), (4,), scale=2.0),
     "vector-spline-coupling": Case(_vector_model("spline-coupling", bins=5), (4,), scale=2.0),
     "vector-iresnet": Case(
         _vector_model("iresnet", logdet="exact", tolerance=1e-12, max_iterations=500), (4,), scale=2.0
     ),
 }
-MODELS = [name for name, case in CONTRACT.items() if isinstance(case.build(), MultiscaleFlow | FlowModel)]
+MODELS = [name for name, case in CONTRACT.items() if isinstance(case.build(), ImageFlow | FlowModel)]
 
 
 def inputs(case: Case, seed: int, n: int = 3) -> Tensor:
@@ -219,7 +237,7 @@ def context_for(case: Case, n: int) -> Tensor | None:
 
 def forward(module: nn.Module, x: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
     """Data -> (latent as (B, D), log-determinant) for a layer or a model."""
-    if isinstance(module, MultiscaleFlow):
+    if isinstance(module, ImageFlow):
         zs, logdet = module.encode(x, context)
         return flat(zs), logdet
     if isinstance(module, FlowModel):
@@ -229,7 +247,7 @@ def forward(module: nn.Module, x: Tensor, context: Tensor | None) -> tuple[Tenso
 
 def inverse(module: nn.Module, y: Tensor, context: Tensor | None) -> Tensor:
     """Latent -> data: ``y`` is what :func:`forward` returned (flattened latents for image models)."""
-    if isinstance(module, MultiscaleFlow):
+    if isinstance(module, ImageFlow):
         parts, start = [], 0
         for shape in module.z_shapes:
             n = math.prod(shape)
@@ -311,7 +329,7 @@ def test_model_exports_and_loads_to_the_same_log_density(name: str, tmp_path) ->
     loaded = glowlab.load(tmp_path / "model").to(DT)
     x = inputs(case, 2)
     context = context_for(case, len(x))
-    if isinstance(model, MultiscaleFlow):
+    if isinstance(model, ImageFlow):
         assert loaded.config == model.config
         torch.testing.assert_close(loaded.log_prob(x, context), model.log_prob(x, context), rtol=0, atol=1e-12)
     else:

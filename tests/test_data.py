@@ -333,7 +333,8 @@ def test_datamodule_from_manifest(tmp_path) -> None:
     assert dm.image_shape == (1, 8, 8) and dm.n_bins == 17 and dm.num_classes == 10
     levels, labels, index = next(iter(dm.train_dataloader()))
     assert levels.dtype == torch.uint8 and levels.shape == (32, 1, 8, 8) and levels.max() <= 16
-    x, _y, _i = dm.on_after_batch_transfer((levels, labels, index), 0)
+    x, _y, _i, k = dm.on_after_batch_transfer((levels, labels, index), 0)
+    assert torch.equal(k, levels)  # the integer images travel with their dequantization
     assert x.min() >= -0.5 and x.max() < 0.5 and torch.equal(torch.floor((x + 0.5) * 17).long(), levels.long())
     assert len(dm.train_dataloader()) == 1258 // 32
     # Evaluation noise is fixed per sample: the same images dequantize identically in any batch.

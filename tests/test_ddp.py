@@ -67,6 +67,14 @@ def test_compiled_model_keeps_replicas_equal_and_refuses_cuda_graphs(ddp_run, tm
     assert ranks[0]["test_bpd"] == pytest.approx(eager[0]["test_bpd"], abs=1e-2)
 
 
+def test_weight_average_and_variational_dequantization_stay_equal_across_ranks(ddp_run, tmp_path) -> None:
+    root, _, _ = ddp_run
+    ranks = run_ddp_job(root, tmp_path, "--ema-variational")
+    assert ranks[0]["averaged"] == ranks[1]["averaged"] == 80  # 2 epochs of 640 images, batches of 16
+    assert ranks[0]["parameters"] == ranks[1]["parameters"]
+    assert ranks[0]["test_bpd"] == ranks[1]["test_bpd"]
+
+
 def test_test_pass_covers_each_sample_exactly_once(ddp_run) -> None:
     root, out, ranks = ddp_run
     seen = ranks[0]["test"] + ranks[1]["test"]

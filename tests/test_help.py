@@ -61,7 +61,7 @@ def test_top_level_help_lists_the_commands_without_importing_torch() -> None:
 @pytest.mark.parametrize(
     ("literal", "registry"),
     [
-        (Architecture, ARCHITECTURES),
+        (Architecture, [*ARCHITECTURES, "transformer"]),  # the level architectures and the transformer flow
         (Coupling, COUPLINGS),
         (Permutation, PERMUTATIONS),
         (MemoryFormat, MEMORY_FORMATS),

@@ -22,12 +22,18 @@ class Recorder(L.Callback):
 
 
 def fit(
-    root: Path, ckpt_dir: Path, max_steps: int, resume: Path | None = None, accumulate: int = 1
+    root: Path, ckpt_dir: Path, max_steps: int, resume: Path | None = None, accumulate: int = 1, **options
 ) -> tuple[GlowModule, list[int]]:
     L.seed_everything(0)
     data = ShardDataModule(root=str(root), batch_size=32, num_workers=2, shuffle_buffer=64, hflip=True, max_shift=1)
     model = glow_module(
-        image_shape=data.image_shape, n_bins=data.n_bins, levels=2, steps=2, hidden_channels=16, warmup_steps=5
+        image_shape=data.image_shape,
+        n_bins=data.n_bins,
+        levels=2,
+        steps=2,
+        hidden_channels=16,
+        warmup_steps=5,
+        **options,
     )
     recorder = Recorder()
     trainer = L.Trainer(
@@ -50,12 +56,29 @@ def digits(tmp_path_factory) -> Path:
     return prepared_digits(tmp_path_factory.mktemp("digits"), shard_size=200)
 
 
-@pytest.mark.parametrize(("stop", "accumulate"), [(21, 1), (9, 2)])
-def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(digits, tmp_path, stop: int, accumulate: int) -> None:
+@pytest.mark.parametrize(
+    ("stop", "accumulate", "options"),
+    [
+        (21, 1, {}),
+        (9, 2, {}),
+        (13, 1, {"ema_decay": 0.9, "dequantization": "variational"}),
+        # the transformer flow's noise augmentation and label dropout draw per batch
+        (13, 1, {"architecture": "transformer", "noise_std": 0.05, "num_classes": 10, "label_dropout": 0.5}),
+    ],
+    ids=["plain", "accumulate", "ema-variational", "transformer-noise-labels"],
+)
+def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(
+    digits, tmp_path, stop: int, accumulate: int, options: dict
+) -> None:
     total = 50 // accumulate
-    reference, reference_order = fit(digits, tmp_path / "a", total, accumulate=accumulate)
-    _, first = fit(digits, tmp_path / "b", stop, accumulate=accumulate)
-    resumed, second = fit(digits, tmp_path / "b2", total, resume=tmp_path / "b" / "last.ckpt", accumulate=accumulate)
+    reference, reference_order = fit(digits, tmp_path / "a", total, accumulate=accumulate, **options)
+    _, first = fit(digits, tmp_path / "b", stop, accumulate=accumulate, **options)
+    resumed, second = fit(
+        digits, tmp_path / "b2", total, resume=tmp_path / "b" / "last.ckpt", accumulate=accumulate, **options
+    )
+    if "ema_decay" in options:  # the weight average and the dequantizer are part of the state that resumes exactly
+        assert resumed.ema.updates == reference.ema.updates == total
+        assert any(k.startswith("ema.model.dequantizer.") for k in resumed.state_dict())
     # 39 micro-batches of 32 make an epoch (1258 images), so both stops fall inside the first epoch.
     assert first + second == reference_order
     assert len(reference_order) == total * 32  # batch_size 32 is the global batch of one optimizer step

@@ -281,15 +281,23 @@ def test_warmup_is_linear_in_steps() -> None:
         GlowModule(optimizer="sgd")
 
 
-@pytest.mark.parametrize("name", ["digits-nice", "digits-realnvp"])
-def test_nice_and_realnvp_train_and_run_every_image_job(name: str, digits_root: Path, tmp_path) -> None:
+@pytest.mark.parametrize(
+    ("name", "architecture"),
+    [
+        ("digits-nice", "nice"),
+        ("digits-realnvp", "realnvp"),
+        ("digits-transformer", "transformer"),
+        ("digits-variational", "glow"),
+    ],
+)
+def test_other_models_train_and_run_every_image_job(name: str, architecture: str, digits_root: Path, tmp_path) -> None:
     config = next(p for p in CONFIGS if p.stem == name)
     with working_directory(tmp_path):
         main(["fit", "--config", str(config), "--trainer.max_steps", "150", "--data.root", str(digits_root), *QUIET])
     run = tmp_path / "runs" / name / "version_0"
     ckpt = str(run / "checkpoints" / "best.ckpt")
     module = GlowModule.load_from_checkpoint(ckpt)
-    assert module.model.config.architecture == name.split("-")[1]
+    assert module.model.config.architecture == architecture
     fitted = json.loads((run / "test_results.json").read_text())
     data = ShardDataModule(root=str(digits_root), eval_batch_size=512)
     untrained = GlowModule(**{k: v for k, v in module.hparams.items() if k != "_instantiator"})
@@ -315,3 +323,62 @@ def main_json(argv: list[str], out: Path) -> Path:
     """Run a JSON-writing job with ``--out`` and return the file."""
     main([*argv, "--out", str(out.with_suffix(".json"))])
     return out.with_suffix(".json")
+
+
+def test_conditional_transformer_flow_trains_for_guidance_and_samples_with_it(digits_root: Path, tmp_path) -> None:
+    data = ShardDataModule(root=str(digits_root), batch_size=32, eval_batch_size=512)
+    module = glow_module(
+        image_shape=(1, 8, 8),
+        n_bins=17,
+        architecture="transformer",
+        steps=2,
+        hidden_channels=16,
+        heads=2,
+        layers_per_block=1,
+        num_classes=10,
+        label_dropout=0.5,
+        noise_std=0.01,
+        warmup_steps=2,
+        optimizer="adam",
+    )
+    dropped = []
+    drop_labels = module.model.drop_labels
+    module.model.drop_labels = lambda y: dropped.append(drop_labels(y)) or dropped[-1]
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=6,
+        limit_val_batches=1,
+        val_check_interval=3,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(module, datamodule=data)
+    # Training drops about half the labels (to the null label 10); evaluation uses them all.
+    assert len(dropped) == 6 and 0.2 < torch.cat(dropped).eq(10).float().mean() < 0.8
+    assert "val_bpd" in trainer.logged_metrics and "val_class_acc" not in trainer.logged_metrics
+    ckpt = tmp_path / "tarflow.ckpt"
+    trainer.save_checkpoint(ckpt)
+    out = tmp_path / "guided.png"
+    main(
+        [
+            "sample",
+            "--ckpt",
+            str(ckpt),
+            "--classes",
+            "0",
+            "1",
+            "--guidance",
+            "2",
+            "--num-samples",
+            "3",
+            "--out",
+            str(out),
+        ]
+    )
+    assert Image.open(out).size[0] > 0
+    with pytest.raises(ValueError, match="guidance=2: classifier-free guidance needs a class-conditional transformer"):
+        Glow(image_shape=(1, 8, 8), n_bins=17, levels=2, steps=1, hidden_channels=8).decode_samples(
+            Glow(image_shape=(1, 8, 8), n_bins=17, levels=2, steps=1).sample_latents(1), None, 2.0
+        )

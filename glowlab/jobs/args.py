@@ -28,7 +28,7 @@ class JobHelpFormatter(argparse.RawDescriptionHelpFormatter):
 class _SubParser(argparse.ArgumentParser):
     """A job's parser style; a sub-command's own parser (``evaluate bpd``) is of this kind.
 
-    Every one takes ``--threads`` (before or after a sub-command's name); its default is set once,
+    Every one takes ``--threads`` and ``--weights`` (before or after a sub-command's name); their defaults are set once,
     on the job's top parser, so a sub-command's parser never overwrites a value given before it.
     """
 
@@ -40,6 +40,13 @@ class _SubParser(argparse.ArgumentParser):
             default=argparse.SUPPRESS,
             help="CPU threads of torch: an integer, or auto (the default: OMP_NUM_THREADS if set, else "
             + ("1 for these small models)" if small_model else "the cores this process may use)"),
+        )
+        self.add_argument(
+            "--weights",
+            choices=("auto", "ema", "trained"),
+            default=argparse.SUPPRESS,
+            help="which weights of a checkpoint to use: its weight average when it kept one (auto, the default; "
+            "what the run evaluated and sampled with), the average (ema) or the optimizer's weights (trained)",
         )
 
     def _add_action(self, action: argparse.Action) -> argparse.Action:
@@ -55,7 +62,7 @@ class JobParser(_SubParser):
     def __init__(self, *args: Any, small_model: bool = False, **kwargs: Any) -> None:
         super().__init__(*args, small_model=small_model, **kwargs)
         self.small_model = small_model
-        self.set_defaults(threads=AUTO)
+        self.set_defaults(threads=AUTO, weights="auto")
 
     def add_subparsers(self, **kwargs: Any) -> argparse._SubParsersAction:
         kwargs.setdefault("parser_class", _SubParser)
@@ -69,6 +76,9 @@ class JobParser(_SubParser):
             apply_threads(parsed.threads, small_model=self.small_model)
         except ValueError as exn:
             self.error(f"--{exn}")
+        from glowlab.models.io import set_default_weights  # torch only once a job runs, not for --help
+
+        set_default_weights(parsed.weights)
         return parsed, rest
 
 

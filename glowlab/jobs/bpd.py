@@ -11,24 +11,24 @@ from torch import Tensor
 
 from glowlab.likelihood import (
     bits_per_dim,
-    dequantize,
     importance_weighted_bits_per_dim,
     per_sample_uniform,
-    quantize,
 )
-from glowlab.models import MultiscaleFlow
+from glowlab.models import ImageFlow
 
 
 class BpdEvaluation(L.LightningModule):
     """Per-image bits/dim averaged over ``draws`` seeded dequantizations; sums reduced over ranks.
 
     Draw ``d`` uses the per-image noise of seed ``d``; draw 0 is the noise validation and test use
-    during training, so one draw reproduces the logged numbers exactly.
+    during training, so one draw reproduces the logged numbers exactly. A model with variational
+    dequantization turns each draw into its learned noise and the bound carries ``log q(u | k)``
+    (:meth:`~glowlab.models.ImageFlow.log_bound`).
 
     References: Theis et al., "A note on the evaluation of generative models", ICLR 2016.
     """
 
-    def __init__(self, model: MultiscaleFlow, draws: int = 4, importance: bool = False) -> None:
+    def __init__(self, model: ImageFlow, draws: int = 4, importance: bool = False) -> None:
         super().__init__()
         if draws < 1:
             raise ValueError(f"--draws must be >= 1, got {draws}")
@@ -39,8 +39,7 @@ class BpdEvaluation(L.LightningModule):
         self.per_image: list[Tensor] = []
 
     def test_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> None:
-        x, y, indices = batch
-        levels = quantize(x, self.n_bins)  # the exact integer images behind the batch
+        x, y, indices, levels = batch  # levels: the exact integer images behind the batch
         y = y if self.model.num_classes else None
         per_draw = []
         # Several draws go through the model as one batch (up to MAX_BATCH images): fewer, larger passes.
@@ -50,8 +49,9 @@ class BpdEvaluation(L.LightningModule):
             noise = torch.cat([per_sample_uniform(indices.cpu(), tuple(levels.shape[1:]), seed=d) for d in seeds])
             repeated = levels.repeat(len(seeds), *([1] * (levels.dim() - 1)))  # (B, ...) -> (G * B, ...)
             labels = y.repeat(len(seeds)) if y is not None else None
-            log_prob = self.model.log_prob(dequantize(repeated, self.n_bins, noise=noise.to(x.device)), labels)
-            per_draw += bits_per_dim(log_prob, self.model.num_dims, self.n_bins).double().view(len(seeds), -1)
+            # log p(x) - log q(u | k): with variational dequantization the draw is the learned noise's.
+            log_bound = self.model.log_bound(repeated, noise.to(x.device), labels)
+            per_draw += bits_per_dim(log_bound, self.model.num_dims, self.n_bins).double().view(len(seeds), -1)
         per_draw_t = torch.stack(per_draw)  # (draws, B)
         bad = ~torch.isfinite(per_draw_t).all(dim=0)
         if bool(bad.any()):
@@ -137,7 +137,14 @@ def evaluate_bpd(
         accelerator=accelerator, devices=devices, logger=False, enable_progress_bar=True, enable_model_summary=False
     )
     trainer.test(evaluation, datamodule=data, verbose=False)
-    results = {**evaluation.results(), "split": split, "data": data_root, "checkpoint": str(ckpt)}
+    results = {
+        **evaluation.results(),
+        "split": split,
+        "data": data_root,
+        "checkpoint": str(ckpt),
+        "weights": getattr(model, "weights", "trained"),
+        "dequantization": model.config.dequantization,
+    }
     expected = data.split_size(split) - data.skipped_samples
     if results["num_images"] != expected:
         raise RuntimeError(f"evaluated {results['num_images']} images but the {split} split has {expected}")
@@ -147,7 +154,7 @@ def evaluate_bpd(
         bound = results.get("importance_weighted")
         print(
             f"{split} bits/dim {results['bpd']:.4f} ± {results['stderr']:.4f} (s.e.) over {results['num_images']} "
-            f"images, {draws} dequantization draws"
+            f"images, {draws} {model.config.dequantization} dequantization draws, {results['weights']} weights"
             + (f"; importance-weighted bound (K={draws}) {bound['bpd']:.4f} ± {bound['stderr']:.4f}" if bound else "")
             + (f" -> {out}" if out else "")
         )

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from glowlab.data.shards import DataContract, data_contract
-from glowlab.models import FlowModel, MultiscaleFlow
+from glowlab.models import FlowModel, ImageFlow
 from glowlab.models.contract import mismatch
 
 
@@ -15,12 +15,16 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def load_image_model(ckpt: str | Path, device: str | None = None) -> MultiscaleFlow:
-    """The image model of ``--ckpt`` (a checkpoint or an exported folder), in eval mode."""
+def load_image_model(ckpt: str | Path, device: str | None = None) -> ImageFlow:
+    """The image model of ``--ckpt`` (a checkpoint or an exported folder), in eval mode.
+
+    With the weights ``--weights`` chooses (a run's weight average by default, when it kept one);
+    ``model.weights`` says which, and the jobs write it into their results.
+    """
     from glowlab.models.io import load
 
     model = load(ckpt, device or default_device())
-    if not isinstance(model, MultiscaleFlow):
+    if not isinstance(model, ImageFlow):
         raise ValueError(f"--ckpt {ckpt}: a vector flow of the density lab; this job needs an image model")
     return model
 
@@ -35,7 +39,7 @@ def load_vector_model(ckpt: str | Path, device: str = "cpu") -> FlowModel:
     return model
 
 
-def check_data(model: MultiscaleFlow, ckpt: str | Path, root: str, n_bits: int | None = None) -> DataContract:
+def check_data(model: ImageFlow, ckpt: str | Path, root: str, n_bits: int | None = None) -> DataContract:
     """The data contract of ``root``, which must match the model's: shape, grey levels, classes.
 
     The one check every job that puts data through a trained image model makes; the message

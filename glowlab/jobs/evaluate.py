@@ -41,6 +41,9 @@ def main(argv: list[str]) -> dict:
     fid.add_argument("--num-samples", type=int, default=10000)
     fid.add_argument("--temperature", type=float, default=1.0)
     fid.add_argument(
+        "--guidance", type=float, default=0.0, help="classifier-free guidance (class-conditional transformer flows)"
+    )
+    fid.add_argument(
         "--split",
         default="train",
         help="real images to compare with; the real-vs-real reference takes held-out images from test (else val)",
@@ -109,6 +112,7 @@ def main(argv: list[str]) -> dict:
             data_root=args.data,
             num_samples=args.num_samples,
             temperature=args.temperature,
+            guidance=args.guidance,
             split=args.split,
             features=args.features,
             inception_weights_path=args.inception_weights,

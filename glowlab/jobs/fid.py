@@ -27,7 +27,7 @@ from glowlab.data.prepare import sha256_of
 from glowlab.files import write_atomic
 from glowlab.jobs.classifier import CLASSIFIER_FILE, load_classifier, manifest_digest, to_uint8
 from glowlab.likelihood import quantize
-from glowlab.models import MultiscaleFlow
+from glowlab.models import ImageFlow
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 FEATURES = ("inception", "classifier")
@@ -179,7 +179,7 @@ def split_statistics(
 
 def generated_statistics(
     metric: FrechetInceptionDistance,
-    model: MultiscaleFlow,
+    model: ImageFlow,
     num_samples: int,
     temperature: float,
     batch_size: int,
@@ -188,6 +188,7 @@ def generated_statistics(
     parts: int = 1,
     progress: bool = True,
     head: int = 0,
+    guidance: float = 0.0,
 ) -> tuple[int, dict[str, Tensor]]:
     """Add the features of this part's samples; batch ``b`` (seeded by ``seed, b``) belongs to part ``b % parts``.
 
@@ -208,7 +209,7 @@ def generated_statistics(
         if model.num_classes:
             y = torch.randint(model.num_classes, (n,), generator=generator, device=device)
         with torch.no_grad():
-            x = model.decode(model.sample_latents(n, temperature, generator), y)
+            x = model.decode_samples(model.sample_latents(n, temperature, generator), y, guidance)
         if not bool(torch.isfinite(x).all()):
             raise ValueError(f"samples of batch {b} at T={temperature} are not finite: the model is broken; no FID")
         images = to_uint8(quantize(x, model.n_bins), model.n_bins).cpu()
@@ -255,6 +256,7 @@ def evaluate_fid(
     data_root: str,
     num_samples: int = 10000,
     temperature: float = 1.0,
+    guidance: float = 0.0,
     split: str = "train",
     features: str = "inception",
     inception_weights_path: str | None = None,
@@ -314,6 +316,7 @@ def evaluate_fid(
         parts=parts,
         progress=progress,
         head=reference_size or 0,
+        guidance=guidance,
     )
     info = {
         "checkpoint": str(ckpt),
@@ -322,6 +325,8 @@ def evaluate_fid(
         "features": extractor,
         "feature_extractor": {k: v for k, v in identity.items() if k != "name"},
         "temperature": temperature,
+        "guidance": guidance,
+        "weights": getattr(model, "weights", "trained"),
         "num_samples": num_samples,
         "seed": seed,
         "real_images": int(real["features_num_samples"]),
@@ -389,6 +394,8 @@ def merge_fid(part_files: list[str | Path], out: str | Path | None = None) -> di
         "features",
         "feature_extractor",
         "temperature",
+        "guidance",
+        "weights",
         "num_samples",
         "seed",
         "real_statistics",

@@ -53,6 +53,9 @@ def sample_main(argv: list[str]) -> Path:
     parser.add_argument("--num-samples", type=int, default=64, help="samples per temperature (or per class)")
     parser.add_argument("--temperature", type=temperature, nargs="+", default=[0.7], help="e.g. 0 0.5 0.7 1")
     parser.add_argument("--classes", type=int, nargs="+", help="conditional models: one row per class")
+    parser.add_argument(
+        "--guidance", type=float, default=0.0, help="classifier-free guidance (class-conditional transformer flows)"
+    )
     parser.add_argument("--out", type=Path, default=Path("samples.png"), help="output PNG")
     parser.add_argument("--seed", type=int, default=0, help="seed of the latent noise")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
@@ -67,14 +70,16 @@ def sample_main(argv: list[str]) -> Path:
 
     model = load_image_model(args.ckpt, args.device)
     rows = len(args.classes) if args.classes else len(args.temperature)
-    images = sample_grid(model, args.temperature, args.num_samples, seed=args.seed, classes=args.classes)
+    images = sample_grid(
+        model, args.temperature, args.num_samples, seed=args.seed, classes=args.classes, guidance=args.guidance
+    )
     per_row = args.num_samples if rows > 1 else max(1, round(args.num_samples**0.5))
     labels = None
     if rows > 1:
         labels = [f"class {c}" for c in args.classes] if args.classes else [f"T={t:g}" for t in args.temperature]
     path = save_sample_grid(images, per_row, args.out, labels)
     what = f"classes {args.classes}" if args.classes else f"temperature(s) {', '.join(map(str, args.temperature))}"
-    print(f"wrote {len(images)} samples at {what} -> {path}")
+    print(f"wrote {len(images)} samples at {what} ({model.weights} weights) -> {path}")
     log_to_wandb(
         args.wandb_project, "sample", vars(args) | {"ckpt": str(args.ckpt), "out": str(path)}, {"samples": path}
     )

@@ -34,7 +34,7 @@ from glowlab.files import write_json
 from glowlab.jobs.args import job_parser
 from glowlab.jobs.common import check_data, default_device, load_image_model
 from glowlab.likelihood import quantize
-from glowlab.models import MultiscaleFlow
+from glowlab.models import ImageFlow, MultiscaleFlow
 
 # Metric columns by preference: the first one present in metrics.csv is plotted.
 TRAIN_COLUMNS = ("train_bpd_step", "train_bpd", "train_nll_step", "train_loss")
@@ -98,7 +98,7 @@ def sample_pictures(run: Path) -> list[tuple[str, Path]]:
 
 
 @torch.no_grad()
-def reconstruction_errors(model: MultiscaleFlow, x: Tensor, y: Tensor | None = None) -> list[dict[str, float]]:
+def reconstruction_errors(model: ImageFlow, x: Tensor, y: Tensor | None = None) -> list[dict[str, float]]:
     """Encode-decode error of ``x`` after each level and through the whole model (the top prior included).
 
     Row ``l`` runs the flow forward through levels ``0..l``, then inverts it back to the image;
@@ -122,7 +122,8 @@ def reconstruction_errors(model: MultiscaleFlow, x: Tensor, y: Tensor | None = N
 
     h = to_memory_format(x, model.config.memory_format)
     latents: list[Tensor] = []
-    for index, level in enumerate(model.levels):
+    levels = model.levels if isinstance(model, MultiscaleFlow) else []  # a transformer flow has no levels
+    for index, level in enumerate(levels):
         h = level(h, y)[0]
         full = h  # the level's whole output; the kept half goes on, the other is that level's latent
         back = full

@@ -22,7 +22,7 @@ from glowlab.data.tabular import load_vector_splits
 from glowlab.files import write_text
 from glowlab.jobs.args import job_parser
 from glowlab.jobs.common import check_data
-from glowlab.models import FlowModel, MultiscaleFlow
+from glowlab.models import FlowModel, ImageFlow
 from glowlab.models.density import log_densities
 
 
@@ -67,7 +67,7 @@ def score_vectors(
     return {"count": len(rows), "mean_log_likelihood": float(log_prob.mean()), "out": str(out)}
 
 
-def image_scores(model: MultiscaleFlow, data: str, split: str, batch_size: int = 256) -> tuple[Tensor, Tensor]:
+def image_scores(model: ImageFlow, data: str, split: str, batch_size: int = 256) -> tuple[Tensor, Tensor]:
     """``(indices, bits_per_dim)`` of every image of a split (shape-checked against the model), in index order.
 
     Each image's dequantization noise is fixed by its index exactly as in evaluation during training.
@@ -87,7 +87,7 @@ def image_scores(model: MultiscaleFlow, data: str, split: str, batch_size: int =
 
 
 def extremes_picture(
-    model: MultiscaleFlow, data: str, split: str, indices: Tensor, bpd: Tensor, path: str | Path, count: int = 8
+    model: ImageFlow, data: str, split: str, indices: Tensor, bpd: Tensor, path: str | Path, count: int = 8
 ) -> Path:
     """The ``count`` most and least likely images of a split as a PNG of two rows, captioned "#index: bits/dim"."""
     from glowlab.data.shards import read_samples
@@ -103,7 +103,7 @@ def extremes_picture(
 
 
 def score_images(
-    model: MultiscaleFlow,
+    model: ImageFlow,
     ckpt: str | Path,
     data: str,
     split: str,
@@ -150,7 +150,7 @@ def score(
         checkpoint = read_checkpoint(ckpt)
         model = model_from_checkpoint(checkpoint, ckpt)
         drawn = checkpoint.get("datamodule_hyper_parameters", {})
-    if isinstance(model, MultiscaleFlow):
+    if isinstance(model, ImageFlow):
         result = score_images(model, ckpt, data, split, out, picture=picture)
     else:
         if picture is not None:

@@ -5,10 +5,12 @@ from glowlab.models.multiscale import (
     ARCHITECTURES,
     FlowStep,
     Glow,
+    ImageFlow,
     Level,
     MultiscaleConfig,
     MultiscaleFlow,
     MultiscaleOutput,
+    image_flow,
 )
 
 __all__ = [
@@ -17,9 +19,11 @@ __all__ = [
     "FlowModel",
     "FlowStep",
     "Glow",
+    "ImageFlow",
     "Level",
     "MultiscaleConfig",
     "MultiscaleFlow",
     "MultiscaleOutput",
+    "image_flow",
     "make_vector_flow",
 ]

@@ -21,15 +21,29 @@ from torch import nn
 
 from glowlab.files import write_atomic, write_json, write_text
 from glowlab.models.density import FlowModel, VectorFlowConfig
-from glowlab.models.multiscale import RENAMED, MultiscaleConfig, MultiscaleFlow
+from glowlab.models.multiscale import RENAMED, ImageFlow, MultiscaleConfig, image_flow
 
 FORMAT = "glowlab-model"
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
-KINDS = {"multiscale": (MultiscaleConfig, MultiscaleFlow), "vector": (VectorFlowConfig, FlowModel)}
+KINDS = {"multiscale": (MultiscaleConfig, image_flow), "vector": (VectorFlowConfig, FlowModel.from_config)}
+# Which weights of a checkpoint trained with a weight average (model.ema_decay) to load: "auto" takes
+# the average when there is one (what the run evaluated and sampled with), "ema" insists on it,
+# "trained" takes the optimizer's weights.
+WEIGHTS_CHOICES = ("auto", "ema", "trained")
+EMA_PREFIX = "ema.model."
+_default_weights = "auto"
 
-Model = MultiscaleFlow | FlowModel
+Model = ImageFlow | FlowModel
+
+
+def set_default_weights(choice: str) -> None:
+    """The weights :func:`load` takes when not told (``--weights`` of every job sets it for its process)."""
+    global _default_weights
+    if choice not in WEIGHTS_CHOICES:
+        raise ValueError(f"weights={choice!r}: choose one of {', '.join(WEIGHTS_CHOICES)}")
+    _default_weights = choice
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -65,35 +79,50 @@ def config_from_hparams(hparams: dict[str, Any], where: str = "checkpoint") -> M
 
 def _model_for(config: MultiscaleConfig | VectorFlowConfig) -> Model:
     if isinstance(config, MultiscaleConfig):
-        return MultiscaleFlow(config)
+        return image_flow(config)
     return FlowModel.from_config(config)
 
 
 def _kind(model: nn.Module) -> str:
-    return "multiscale" if isinstance(model, MultiscaleFlow) else "vector"
+    return "multiscale" if isinstance(model, ImageFlow) else "vector"
 
 
-def load(path: str | Path, device: str | torch.device | None = None) -> Model:
+def load(path: str | Path, device: str | torch.device | None = None, weights: str | None = None) -> Model:
     """The model in ``path`` (a Lightning checkpoint or an exported folder), in eval mode on ``device``.
 
-    Returns a :class:`~glowlab.models.MultiscaleFlow` (image models; ``model.n_bins`` and
-    ``model.image_shape`` say what data it is for) or a :class:`~glowlab.models.FlowModel` (vector
-    flows). ``device`` defaults to the CPU.
+    Returns an image model (:class:`~glowlab.models.ImageFlow`: a multiscale or transformer flow;
+    ``model.n_bins`` and ``model.image_shape`` say what data it is for) or a
+    :class:`~glowlab.models.FlowModel` (vector flows). ``device`` defaults to the CPU. ``weights``
+    (``"auto"``, ``"ema"`` or ``"trained"``; default: :func:`set_default_weights`'s) chooses between
+    a checkpoint's weight average and its trained weights; ``model.weights`` says which it holds.
     """
     path = Path(path)
     if path.is_dir():
-        model, state = _read_exported(path)
-        return _with_weights(model, state, path, device)
-    return model_from_checkpoint(read_checkpoint(path), path, device)
+        model, state, stored = _read_exported(path)
+        if (weights or _default_weights) not in ("auto", stored):
+            raise ValueError(f"{path}: this exported model holds its {stored} weights only, not {weights!r}")
+        model = _with_weights(model, state, path, device)
+        model.weights = stored
+        return model
+    return model_from_checkpoint(read_checkpoint(path), path, device, weights)
 
 
 def model_from_checkpoint(
-    checkpoint: dict[str, Any], path: str | Path, device: str | torch.device | None = None
+    checkpoint: dict[str, Any], path: str | Path, device: str | torch.device | None = None, weights: str | None = None
 ) -> Model:
     """The model of a checkpoint already read with :func:`read_checkpoint` (``path`` names it in errors)."""
+    weights = weights or _default_weights
+    if weights not in WEIGHTS_CHOICES:
+        raise ValueError(f"weights={weights!r}: choose one of {', '.join(WEIGHTS_CHOICES)}")
     model = _model_for(config_from_hparams(checkpoint["hyper_parameters"], str(path)))
-    state = {k[len("model.") :]: v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
-    return _with_weights(model, state, Path(path), device)
+    has_average = any(k.startswith(EMA_PREFIX) for k in checkpoint["state_dict"])
+    if weights == "ema" and not has_average:
+        raise ValueError(f"{path}: --weights ema, but this run kept no weight average (model.ema_decay was not set)")
+    prefix = EMA_PREFIX if has_average and weights != "trained" else "model."
+    state = {k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
+    model = _with_weights(model, state, Path(path), device)
+    model.weights = "ema" if prefix == EMA_PREFIX else "trained"
+    return model
 
 
 def _with_weights(model: Model, state: dict[str, torch.Tensor], path: Path, device: str | torch.device | None) -> Model:
@@ -111,7 +140,7 @@ def _with_weights(model: Model, state: dict[str, torch.Tensor], path: Path, devi
     return model.to(device or "cpu").eval()
 
 
-def _read_exported(folder: Path) -> tuple[Model, dict[str, torch.Tensor]]:
+def _read_exported(folder: Path) -> tuple[Model, dict[str, torch.Tensor], str]:
     from safetensors.torch import load_file
 
     config_path, weights = folder / CONFIG, folder / WEIGHTS
@@ -125,7 +154,7 @@ def _read_exported(folder: Path) -> tuple[Model, dict[str, torch.Tensor]]:
     if info.get("kind") not in KINDS:
         raise ValueError(f"{config_path}: unknown model kind {info.get('kind')!r}")
     config_class, _ = KINDS[info["kind"]]
-    return _model_for(config_class(**info["config"])), load_file(str(weights))
+    return _model_for(config_class(**info["config"])), load_file(str(weights)), info.get("weights", "trained")
 
 
 def export(
@@ -159,7 +188,7 @@ def save_model(
 
     out = Path(out)
     if model.config is None:
-        raise ValueError("only a model built from its config (FlowModel.from_config, MultiscaleFlow) can be saved")
+        raise ValueError("only a model built from its config (FlowModel.from_config, image_flow) can be saved")
     for name, value in (metrics or {}).items():
         if isinstance(value, float) and not math.isfinite(value):
             raise ValueError(f"metric {name}={value} is not finite: refusing to export it")
@@ -172,6 +201,7 @@ def save_model(
         "kind": _kind(model),
         "config": model.config.to_dict(),
         "parameters": sum(p.numel() for p in model.parameters()),
+        "weights": getattr(model, "weights", "trained"),
         "data": data or {},
         "metrics": metrics or {},
         "source": source,
@@ -202,12 +232,21 @@ def _run_results(checkpoint: Path) -> tuple[dict[str, Any], dict[str, Any]]:
 def model_card(info: dict[str, Any]) -> str:
     """A short README for an exported model: what it is, what data it is for, how well it did, how to load it."""
     config = info["config"]
-    if info["kind"] == "multiscale":
+    classes = f", {config['num_classes']} classes" if config.get("num_classes") else ""
+    if info["kind"] == "multiscale" and config.get("architecture") == "transformer":
+        c, h, w = config["image_shape"]
+        what = (
+            f"A transformer autoregressive flow ({config['steps']} blocks of {config['layers_per_block']} causal "
+            f"transformer layers, width {config['hidden_channels']}, {config['heads']} heads, "
+            f"{config['patch_size']}x{config['patch_size']} patches{classes}) for {c}x{h}x{w} images with "
+            f"{config['n_bins']} grey levels per channel."
+        )
+    elif info["kind"] == "multiscale":
         c, h, w = config["image_shape"]
         what = (
             f"A {config['architecture']} multiscale flow ({config['levels']} levels of {config['steps']} steps, "
             f"width {config['hidden_channels']}, {config['coupling']} coupling, {config['permutation']} "
-            f"permutation{', ' + str(config['num_classes']) + ' classes' if config['num_classes'] else ''}) "
+            f"permutation{classes}) "
             f"for {c}x{h}x{w} images with {config['n_bins']} grey levels per channel."
         )
     else:
@@ -215,6 +254,10 @@ def model_card(info: dict[str, Any]) -> str:
             f"A {config['family']} flow of {config['layers']} layers on {config['features']}-dimensional vectors, "
             "with the training data's standardisation as its first layer."
         )
+    if info["kind"] == "multiscale":
+        what += f" Dequantization: {config.get('dequantization', 'uniform')}."
+    if info.get("weights") == "ema":
+        what += " The weights are the training run's exponential moving average."
     lines = [
         "# glowlab model",
         "",

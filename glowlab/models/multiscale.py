@@ -34,20 +34,24 @@ from glowlab.flows import (
 from glowlab.flows.base import Flow, chain_inverse, check_option, choose, run_forward, run_inverse
 from glowlab.flows.conv1x1 import InvConv1x1, LUFactorised, mixing_matrices
 from glowlab.flows.coupling import CheckerboardCoupling
+from glowlab.flows.dequantization import VariationalDequantizer
 from glowlab.flows.elementwise import ElementwiseAffine
 from glowlab.flows.invertible import invertible_forward
 from glowlab.flows.priors import CONDITIONINGS
 from glowlab.flows.squeeze import MEMORY_FORMATS, to_memory_format
+from glowlab.likelihood import dequantize
 
 # The named options as types, so that `glowlab fit --help` lists their values and the parser refuses
 # others. The registries (ARCHITECTURES, COUPLINGS, PERMUTATIONS, MEMORY_FORMATS) build the layers and
 # stay the source of truth: tests/test_help.py checks that each type names exactly their entries.
-Architecture = Literal["glow", "realnvp", "nice"]
+Architecture = Literal["glow", "realnvp", "nice", "transformer"]
 Coupling = Literal["affine", "additive", "checkerboard"]
 Permutation = Literal["lu", "conv", "reverse", "shuffle"]
 Backprop = Literal["standard", "invertible"]
 MemoryFormat = Literal["contiguous", "channels_last"]
 Conditioning = Literal["top", "top-position", "priors", "couplings"]
+Dequantization = Literal["uniform", "variational"]
+DEQUANTIZATIONS: tuple[str, ...] = get_args(Dequantization)
 BACKPROPS: tuple[str, ...] = get_args(Backprop)
 # Options renamed since earlier versions: the old name -> the new one.
 RENAMED = {"step": "architecture", "memory": "backprop"}
@@ -74,7 +78,22 @@ class MultiscaleConfig:
     every level's factored-out latent too) or ``"couplings"`` (every prior and every coupling
     network, whose first hidden layer gets a learned offset per class).
 
-    References: Kingma & Dhariwal, "Glow: Generative Flow with Invertible 1x1 Convolutions", 2018.
+    ``dequantization`` is the noise that makes the integer images continuous: ``"uniform"``
+    (``u ~ U[0, 1)`` per dimension) or ``"variational"`` (Flow++'s learned q(u | x): a flow of
+    ``dequantization_steps`` conditional couplings, ``dequantization_channels`` wide, trained with
+    the model on the variational bound; :mod:`glowlab.flows.dequantization`).
+
+    ``architecture="transformer"`` is the transformer autoregressive flow (TarFlow) instead of
+    levels: the image cut into ``patch_size`` x ``patch_size`` patches, ``steps`` flow blocks, each a
+    causal transformer of ``layers_per_block`` layers, ``hidden_channels`` wide with ``heads``
+    attention heads, the patch order reversed between blocks. ``noise_std`` is its training-time
+    Gaussian noise augmentation (samples are then denoised by one score step) and, for
+    class-conditional models, ``label_dropout`` the fraction of training labels dropped so that
+    sampling can use classifier-free guidance. ``levels``, ``coupling``, ``permutation``,
+    ``learn_top`` and ``conditioning`` are the level architectures' options and do not apply to it.
+
+    References: Kingma & Dhariwal, "Glow: Generative Flow with Invertible 1x1 Convolutions", 2018;
+    Ho et al., "Flow++", ICML 2019; Zhai et al., "Normalizing Flows are Capable Generative Models", 2024.
     """
 
     image_shape: tuple[int, int, int] = (3, 32, 32)
@@ -90,10 +109,19 @@ class MultiscaleConfig:
     conditioning: Conditioning = "top"
     backprop: Backprop = "standard"
     memory_format: MemoryFormat = "channels_last"
+    dequantization: Dequantization = "uniform"
+    dequantization_steps: int = 4
+    dequantization_channels: int = 32
+    patch_size: int = 2
+    layers_per_block: int = 2
+    heads: int = 4
+    noise_std: float = 0.0
+    label_dropout: float = 0.1
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "image_shape", tuple(int(v) for v in self.image_shape))
-        check_option("architecture", self.architecture, tuple(ARCHITECTURES))
+        check_option("architecture", self.architecture, (*ARCHITECTURES, "transformer"))
+        check_option("dequantization", self.dequantization, DEQUANTIZATIONS)
         check_option("coupling", self.coupling, tuple(COUPLINGS))
         check_option("permutation", self.permutation, tuple(PERMUTATIONS))
         check_option("backprop", self.backprop, BACKPROPS)
@@ -107,7 +135,9 @@ class MultiscaleConfig:
                 f"levels, steps and hidden_channels must be >= 1, got levels={self.levels}, "
                 f"steps={self.steps}, hidden_channels={self.hidden_channels}"
             )
-        if h % 2**self.levels or w % 2**self.levels:
+        if self.architecture == "transformer":
+            self._check_transformer()
+        elif h % 2**self.levels or w % 2**self.levels:
             raise ValueError(
                 f"image_shape={self.image_shape}: height and width must be divisible by 2**levels={2**self.levels}"
             )
@@ -118,6 +148,29 @@ class MultiscaleConfig:
             raise ValueError(f"conditioning={self.conditioning!r} (labels inside the levels) needs backprop='standard'")
         if self.n_bins < 2:
             raise ValueError(f"n_bins must be >= 2, got {self.n_bins}")
+        if self.dequantization_steps < 1 or self.dequantization_channels < 1:
+            raise ValueError(
+                f"dequantization_steps={self.dequantization_steps} and dequantization_channels="
+                f"{self.dequantization_channels} must be >= 1"
+            )
+
+    def _check_transformer(self) -> None:
+        _, h, w = self.image_shape
+        p = self.patch_size
+        if p < 1 or h % p or w % p:
+            raise ValueError(
+                f"patch_size={p}: it must divide the image height and width of image_shape={self.image_shape}"
+            )
+        if self.hidden_channels % self.heads:
+            raise ValueError(f"hidden_channels={self.hidden_channels} must be divisible by heads={self.heads}")
+        if self.layers_per_block < 1:
+            raise ValueError(f"layers_per_block={self.layers_per_block} must be >= 1")
+        if self.backprop != "standard":
+            raise ValueError("architecture='transformer' trains with backprop='standard' only")
+        if not (self.noise_std >= 0 and self.noise_std < float("inf")):
+            raise ValueError(f"noise_std={self.noise_std} must be a finite number >= 0")
+        if not 0 <= self.label_dropout < 1:
+            raise ValueError(f"label_dropout={self.label_dropout} must be in [0, 1)")
 
     @property
     def coupling_classes(self) -> int | None:
@@ -154,6 +207,109 @@ class MultiscaleOutput(NamedTuple):
     logdet: Tensor
     log_prob: Tensor
     class_logits: Tensor | None
+
+
+class ImageFlow(nn.Module):
+    """What every glowlab image model offers besides its flow: the data contract and the dequantization.
+
+    Subclasses (:class:`MultiscaleFlow`, :class:`~glowlab.models.transformer.TransformerFlow`) set
+    ``config`` and ``dequantizer`` and implement ``evaluate``, ``decode`` and ``sample_latents``.
+    """
+
+    config: MultiscaleConfig
+    dequantizer: VariationalDequantizer | None
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of the images the model is for."""
+        return self.config.image_shape
+
+    @property
+    def n_bins(self) -> int:
+        """Grey levels per channel of the data the model is for (bits/dim depend on it)."""
+        return self.config.n_bins
+
+    @property
+    def num_classes(self) -> int | None:
+        return self.config.num_classes
+
+    @property
+    def predicts_class(self) -> bool:
+        """Whether ``evaluate`` gives class logits (the multiscale flows' auxiliary classifier)."""
+        return getattr(self, "class_head", None) is not None
+
+    @property
+    def num_dims(self) -> int:
+        """D, the number of dimensions of one image."""
+        c, h, w = self.image_shape
+        return c * h * w
+
+    def _make_dequantizer(self) -> None:
+        config = self.config
+        self.dequantizer = (
+            VariationalDequantizer(
+                config.image_shape, config.n_bins, config.dequantization_steps, config.dequantization_channels
+            )
+            if config.dequantization == "variational"
+            else None
+        )
+
+    def evaluate(self, x: Tensor, y: Tensor | None = None) -> MultiscaleOutput:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def log_prob(self, x: Tensor, y: Tensor | None = None) -> Tensor:
+        """Log-density of ``x`` in nats, shape (B,): prior terms plus log-determinant."""
+        return self.evaluate(x, y).log_prob
+
+    def dequantize(self, levels: Tensor, noise: Tensor) -> tuple[Tensor, Tensor]:
+        """``(x, log q(u | k))``: integer images ``levels`` made continuous with base uniform ``noise``.
+
+        Uniform dequantization uses ``noise`` as ``u`` (``log q = 0``); variational dequantization
+        turns it into ``u ~ q(u | k)`` (:class:`~glowlab.flows.dequantization.VariationalDequantizer`).
+        ``x = (k + u) / n_bins - 0.5`` as in :func:`glowlab.likelihood.dequantize`.
+        """
+        if self.dequantizer is None:
+            x = dequantize(levels, self.n_bins, noise=noise)
+            return x, x.new_zeros(x.shape[0])
+        u, log_q = self.dequantizer(noise, levels)
+        return dequantize(levels, self.n_bins, noise=u), log_q
+
+    def redequantize(self, x: Tensor, levels: Tensor) -> tuple[Tensor, Tensor]:
+        """:meth:`dequantize` for images the data pipeline dequantized uniformly: its noise is read back from ``x``.
+
+        The pipeline's ``x = (k + u₀) / n_bins - 0.5`` is recomputed with the noise the model
+        learned, so training keeps the pipeline's seeded draws. ``levels`` (the integer images)
+        say which bin each value belongs to, so rounding at a bin edge cannot change the image.
+        """
+        if self.dequantizer is None:
+            return x, x.new_zeros(x.shape[0])
+        noise = ((x.double() + 0.5) * self.n_bins - levels.double()).clamp(0.0, 1.0).to(x.dtype)
+        return self.dequantize(levels, noise)
+
+    def decode(self, zs: list[Tensor], y: Tensor | None = None) -> Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def decode_samples(self, zs: list[Tensor], y: Tensor | None = None, guidance: float = 0.0) -> Tensor:
+        """Images from latents drawn from the base density: :meth:`decode`, and what the model does to its samples.
+
+        ``guidance`` (classifier-free guidance) is for models trained for it; the multiscale flows take none.
+        """
+        if guidance:
+            raise ValueError(
+                f"guidance={guidance:g}: classifier-free guidance needs a class-conditional transformer flow, "
+                f"not a {self.config.architecture} model"
+            )
+        return self.decode(zs, y)
+
+    def log_bound(self, levels: Tensor, noise: Tensor, y: Tensor | None = None) -> Tensor:
+        """``log p(x) - log q(u | k)`` per image (nats, shape (B,)): what bits/dim are made of.
+
+        With :func:`glowlab.likelihood.bits_per_dim` it gives the variational bound of the integer
+        images ``levels`` for one draw of base uniform ``noise``; for uniform dequantization it is
+        ``log_prob`` of the uniformly dequantized images.
+        """
+        x, log_q = self.dequantize(levels, noise)
+        return self.log_prob(x, y) - log_q
 
 
 def _total(values: list[Tensor]) -> Tensor:
@@ -360,7 +516,7 @@ ARCHITECTURES: dict[str, Callable[[int, MultiscaleConfig], list[Flow]]] = {
 }
 
 
-class MultiscaleFlow(nn.Module):
+class MultiscaleFlow(ImageFlow):
     """A multiscale image flow (Glow, RealNVP or NICE): ``levels`` x :class:`Level`, a learned top prior.
 
     Built from a :class:`MultiscaleConfig` (or the same options as keywords: ``MultiscaleFlow(levels=2,
@@ -386,6 +542,10 @@ class MultiscaleFlow(nn.Module):
             raise TypeError(f"config={config!r}: pass a MultiscaleConfig, or the options as keywords (image_shape=...)")
         MultiscaleConfig.check_names(options)
         config = dataclasses.replace(config or MultiscaleConfig(), **options)
+        if config.architecture == "transformer":
+            raise ValueError(
+                "architecture='transformer' is a TransformerFlow: build it with glowlab.models.image_flow(config)"
+            )
         self.config = config
         c, h, w = config.image_shape
         build = choose("architecture", config.architecture, ARCHITECTURES)
@@ -416,32 +576,13 @@ class MultiscaleFlow(nn.Module):
             # Zero initialisation: uniform class predictions at the start, as in the reference code.
             nn.init.zeros_(self.class_head.weight)
             nn.init.zeros_(self.class_head.bias)
+        self._make_dequantizer()
         self._register_load_state_dict_pre_hook(_rename_split_keys)
-
-    @property
-    def image_shape(self) -> tuple[int, int, int]:
-        """(C, H, W) of the images the model is for."""
-        return self.config.image_shape
-
-    @property
-    def n_bins(self) -> int:
-        """Grey levels per channel of the data the model is for (bits/dim depend on it)."""
-        return self.config.n_bins
-
-    @property
-    def num_classes(self) -> int | None:
-        return self.config.num_classes
 
     @property
     def z_shapes(self) -> tuple[tuple[int, int, int], ...]:
         """Shapes (C, H, W) of the latents ``encode`` returns, finest level first."""
         return self._z_shapes
-
-    @property
-    def num_dims(self) -> int:
-        """D, the number of dimensions of one image."""
-        c, h, w = self.image_shape
-        return c * h * w
 
     @property
     def initialized(self) -> bool:
@@ -520,10 +661,6 @@ class MultiscaleFlow(nn.Module):
             h = level.inverse(h, y)
         return h
 
-    def log_prob(self, x: Tensor, y: Tensor | None = None) -> Tensor:
-        """Log-density of ``x`` in nats, shape (B,): prior terms plus log-determinant."""
-        return self.evaluate(x, y).log_prob
-
     def sample_latents(
         self, n: int, temperature: float = 1.0, generator: torch.Generator | None = None
     ) -> list[Tensor]:
@@ -539,7 +676,7 @@ class MultiscaleFlow(nn.Module):
         self, n: int, temperature: float = 1.0, y: Tensor | None = None, generator: torch.Generator | None = None
     ) -> Tensor:
         """``n`` images in about [-0.5, 0.5); ``temperature`` scales the prior std at every level."""
-        return self.decode(self.sample_latents(n, temperature, generator), y)
+        return self.decode_samples(self.sample_latents(n, temperature, generator), y)
 
 
 def _rename_split_keys(state_dict: dict, prefix: str, *args: Any) -> None:
@@ -551,3 +688,13 @@ def _rename_split_keys(state_dict: dict, prefix: str, *args: Any) -> None:
 
 
 Glow = MultiscaleFlow
+
+
+def image_flow(config: MultiscaleConfig) -> ImageFlow:
+    """The image model ``config`` describes: a :class:`MultiscaleFlow`, or for ``architecture="transformer"`` a
+    :class:`~glowlab.models.transformer.TransformerFlow`."""
+    if config.architecture == "transformer":
+        from glowlab.models.transformer import TransformerFlow  # it builds on this module's classes
+
+        return TransformerFlow(config)
+    return MultiscaleFlow(config)

@@ -40,8 +40,9 @@ class SampleGrid(L.Callback):
 
     Files go to ``<log_dir>/samples/step_NNNNNNN.png`` during training; at the end of fit,
     ``samples/last.png`` shows the final weights (``last.ckpt``) and ``samples/best.png`` the
-    weights of the best checkpoint, the ones ``test_after_fit`` tests. The latent noise is fixed by
-    ``seed`` so successive grids show the same samples improving.
+    weights of the best checkpoint, the ones ``test_after_fit`` tests. A model trained with
+    ``ema_decay`` is drawn with its averaged weights, the ones evaluation uses. The latent noise is
+    fixed by ``seed`` so successive grids show the same samples improving.
 
     References: Kingma & Dhariwal, "Glow: Generative Flow with Invertible 1x1 Convolutions", 2018.
     """
@@ -78,11 +79,13 @@ class SampleGrid(L.Callback):
             return
         self._validations += 1
         if self._validations % self.every_n_validations == 0:
-            self._save(trainer, pl_module.model, f"step_{trainer.global_step:07d}.png")
+            self._save(
+                trainer, getattr(pl_module, "eval_model", pl_module.model), f"step_{trainer.global_step:07d}.png"
+            )
 
     @rank_zero_only
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._save(trainer, pl_module.model, "last.png", "samples/last")
+        self._save(trainer, getattr(pl_module, "eval_model", pl_module.model), "last.png", "samples/last")
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback is not None else ""
         if best and Path(best).is_file():
             from glowlab.models.io import model_from_checkpoint, read_checkpoint

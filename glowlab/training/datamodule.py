@@ -66,7 +66,9 @@ class ShardDataModule(L.LightningDataModule):
     batch (seeded by ``seed``, the rank and the batch number, so a resumed run draws what the
     uninterrupted one would have), and noise fixed per sample (by ``eval_noise_seed`` and the
     sample index) for validation and test, so their bits/dim do not depend on the number of
-    devices or workers. ``batch_size`` is the global batch of one optimizer step: each device gets
+    devices or workers. A batch is ``(x, labels, indices, levels)``: the dequantized images, and
+    the integer images they came from (a model with variational dequantization redraws the noise
+    within each bin). ``batch_size`` is the global batch of one optimizer step: each device gets
     ``batch_size / (devices x accumulate_grad_batches)`` images a micro-batch, so changing the
     device count keeps the optimisation the same. ``eval_batch_size`` is per device. ``hflip`` and
     ``max_shift`` augment training images; ``bad_samples="skip"`` skips and counts bad samples
@@ -228,6 +230,6 @@ class ShardDataModule(L.LightningDataModule):
             generator = torch.Generator(device=levels.device)
             generator.manual_seed((self.seed * 1_000_003 + rank) * 1_000_000_007 + self.train_batches)
             self.train_batches += 1
-            return dequantize(levels, self.n_bins, generator=generator), labels, indices
+            return dequantize(levels, self.n_bins, generator=generator), labels, indices, levels
         noise = per_sample_uniform(indices.cpu(), tuple(levels.shape[1:]), self.eval_noise_seed)
-        return dequantize(levels, self.n_bins, noise=noise), labels, indices
+        return dequantize(levels, self.n_bins, noise=noise), labels, indices, levels

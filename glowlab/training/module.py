@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any, Literal
 
@@ -14,8 +15,8 @@ from torchmetrics import MeanMetric
 
 from glowlab.console import glowlab_logger
 from glowlab.flows.base import check_option
-from glowlab.likelihood import bits_per_dim
-from glowlab.models import MultiscaleConfig, MultiscaleFlow
+from glowlab.likelihood import bits_per_dim, variational_bits_per_dim
+from glowlab.models import MultiscaleConfig, image_flow
 from glowlab.training.capture import CapturedStep
 
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamax": torch.optim.Adamax}
@@ -33,7 +34,7 @@ def optimizer_with_warmup(module: nn.Module, hp: Any, loss_scaling: bool = False
     mixed precision's gradient scaler) Adam runs multi-tensor too: a fused Adam would unscale the
     gradients itself, after gradient clipping had seen them scaled.
     """
-    params = list(module.parameters())
+    params = [p for p in module.parameters() if p.requires_grad]  # not a weight average's copy
     fused = hp.optimizer == "adam" and not loss_scaling and _fused_adam_supported(params)
     options = {"fused": True} if fused else {"foreach": True}
     optimizer = OPTIMIZERS[hp.optimizer](params, lr=hp.lr, weight_decay=hp.weight_decay, **options)
@@ -164,6 +165,39 @@ class GuardedTraining:
         refuse_nonfinite(checkpoint["state_dict"])
 
 
+class WeightAverage(nn.Module):
+    """An exponential moving average of a model's weights, kept as a second model for evaluation and sampling.
+
+    After each optimizer step ``ema = decay_t · ema + (1 - decay_t) · weights`` (one multi-tensor
+    ``lerp`` over the parameters, no host synchronisation), with ``decay_t = min(decay, (1 + n) /
+    (10 + n))`` after ``n`` updates, so the average is not dominated by the first weights. The
+    first update copies the model whole (parameters and buffers), so the average starts from
+    weights whose ActNorm layers are initialised. Buffers (fixed permutations, ActNorm flags) are
+    the trained model's. As a submodule of the LightningModule its weights are in every checkpoint
+    (``ema.model.`` keys) and the update count beside them, so a resumed run continues the same
+    average; its parameters take no gradient and no optimizer sees them.
+
+    References: Polyak & Juditsky, "Acceleration of Stochastic Approximation by Averaging", 1992;
+    Kingma & Dhariwal, "Glow", 2018 (Polyak averaging of the evaluated weights).
+    """
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        super().__init__()
+        self.decay = decay
+        # Train/eval mode follows the LightningModule's; the average only ever runs in evaluation.
+        self.model = copy.deepcopy(model).requires_grad_(False)
+        self.updates = 0
+
+    def update(self, model: nn.Module) -> None:
+        if self.updates == 0:
+            self.model.load_state_dict(model.state_dict())
+        else:
+            decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+            averaged = list(self.model.parameters())
+            torch._foreach_lerp_(averaged, [p.detach() for p in model.parameters()], 1.0 - decay)
+        self.updates += 1
+
+
 class GlowModule(GuardedTraining, L.LightningModule):
     """Trains :class:`glowlab.models.Glow`; the loss is the negative log-likelihood in bits/dim.
 
@@ -172,7 +206,12 @@ class GlowModule(GuardedTraining, L.LightningModule):
     ``glowlab`` CLI, and it is stored in checkpoints, so a model loads without data or Lightning
     (:func:`glowlab.load`). For class-conditional models (``flow.num_classes``) the loss adds
     ``class_weight`` times the class cross-entropy in bits per image, as in the paper's code. The
-    learning rate warms up linearly over ``warmup_steps`` optimizer steps.
+    learning rate warms up linearly over ``warmup_steps`` optimizer steps. With variational
+    dequantization (``flow.dequantization``) the loss and every reported bits/dim are the bound with
+    its ``log q`` term. A transformer flow (``flow.architecture="transformer"``) trains on images
+    plus ``flow.noise_std`` Gaussian noise and drops ``flow.label_dropout`` of its labels. With
+    ``ema_decay`` a :class:`WeightAverage` of the weights is kept; validation, test and sample grids
+    use it (:attr:`eval_model`) and checkpoints hold it.
 
     The training step never waits for the device: no value is read back on the host between the
     batch and the optimizer step. Two options take the host further out of the loop, and change
@@ -203,17 +242,20 @@ class GlowModule(GuardedTraining, L.LightningModule):
         compile: bool = False,
         cuda_graphs: bool = False,
         max_nonfinite_steps: int = 10,
+        ema_decay: float | None = None,
     ) -> None:
         super().__init__()
         check_option("model.optimizer", optimizer, tuple(OPTIMIZERS))
         check_training_options(lr, weight_decay, warmup_steps)
+        if ema_decay is not None and not 0 < ema_decay < 1:
+            raise ValueError(f"model.ema_decay={ema_decay} must be in (0, 1), or null for no weight averaging")
         if isinstance(flow, dict):  # a config given (or linked by the CLI) as plain values
             flow = MultiscaleConfig(**flow)
         self.save_hyperparameters()
-        self.model = MultiscaleFlow(flow)
-        num_classes = flow.num_classes
+        self.model = image_flow(flow)
+        self.ema = WeightAverage(self.model, ema_decay) if ema_decay is not None else None
         # Evaluation averages per image over all ranks exactly (sums and counts are all-reduced).
-        names = ["bpd", "class_bits", "class_acc"] if num_classes else ["bpd"]
+        names = ["bpd", "class_bits", "class_acc"] if self.model.predicts_class else ["bpd"]
         self.eval_metrics = nn.ModuleDict(
             {f"{stage}_{name}": MeanMetric() for stage in ("val", "test") for name in names}
         )
@@ -237,13 +279,39 @@ class GlowModule(GuardedTraining, L.LightningModule):
             if found > num_classes:
                 raise ValueError(f"model.num_classes={num_classes} but the data has labels up to {found - 1}")
 
-    def losses(self, x: Tensor, y: Tensor | None) -> tuple[Tensor, dict[str, Tensor]]:
+    @property
+    def eval_model(self) -> nn.Module:
+        """The weights evaluation and sampling use: the moving average with ``ema_decay``, else the trained ones."""
+        return self.ema.model if self.ema is not None else self.model
+
+    def losses(
+        self, x: Tensor, y: Tensor | None, levels: Tensor | None = None, model: nn.Module | None = None
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         """The training loss of a batch and the per-image values (bits/dim, class bits) it is made of.
 
-        Pure tensor work, with no value read back on the host: what a captured step records.
+        ``levels`` are the integer images of ``x`` (a model with variational dequantization redraws
+        its noise in their bins; the bound then has its ``log q`` term); ``model`` defaults to the
+        trained weights. Pure tensor work, with no value read back on the host: what a captured
+        step records.
         """
-        out = self.model.evaluate(x, y)
-        values = {"bpd": bits_per_dim(out.log_prob, self.model.num_dims, self.model.n_bins)}
+        model = self.model if model is None else model
+        config = model.config
+        log_q = None
+        if model.dequantizer is not None:
+            if levels is None:
+                raise ValueError("variational dequantization needs the batch's integer images (levels)")
+            x, log_q = model.redequantize(x, levels)
+        if model.training and config.architecture == "transformer":
+            generator = self._batch_generator(x.device)
+            if config.noise_std > 0:  # TarFlow's noise augmentation: the model learns the data plus N(0, σ²)
+                x = x + config.noise_std * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            if y is not None and config.label_dropout > 0:  # unlabelled examples teach classifier-free guidance
+                y = model.drop_labels(y, generator)
+        out = model.evaluate(x, y)
+        if log_q is None:
+            values = {"bpd": bits_per_dim(out.log_prob, model.num_dims, model.n_bins)}
+        else:
+            values = {"bpd": variational_bits_per_dim(out.log_prob, log_q, model.num_dims, model.n_bins)}
         loss = values["bpd"].mean()
         if out.class_logits is not None:
             values["class_bits"] = F.cross_entropy(out.class_logits, y, reduction="none") / math.log(2.0)  # per image
@@ -251,8 +319,26 @@ class GlowModule(GuardedTraining, L.LightningModule):
             loss = loss + self.hparams.class_weight * values["class_bits"].mean()
         return loss, values
 
+    def _batch_generator(self, device: torch.device) -> torch.Generator:
+        """A generator seeded by the data seed, the rank and the training batch number.
+
+        Draws made in the training step from it (the transformer flow's noise and dropped labels)
+        are those of the uninterrupted run after a resume, as the data module's dequantization is.
+        """
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        seed = getattr(datamodule, "seed", 0)
+        batch = getattr(datamodule, "train_batches", self.global_step)
+        generator = torch.Generator(device=device)
+        # Another stream than the data module's dequantization noise (other constants: no shared seeds).
+        generator.manual_seed(((seed * 999_983 + self.global_rank + 7_919) * 1_000_000_009 + batch) % 2**63)
+        return generator
+
     def _inputs(self, batch: tuple[Tensor, ...]) -> tuple[Tensor, Tensor | None]:
         return batch[0], batch[1] if self.model.num_classes is not None else None
+
+    @staticmethod
+    def _levels(batch: tuple[Tensor, ...]) -> Tensor | None:
+        return batch[3] if len(batch) > 3 else None
 
     def _compile_once_initialised(self) -> None:
         if self.hparams.compile and not self._compiled and self.model.initialized:
@@ -264,7 +350,7 @@ class GlowModule(GuardedTraining, L.LightningModule):
         self._compile_once_initialised()
         graph = self._training_graph(x, y)
         self._replayed = graph is not None
-        loss, values = graph.replay(x, y) if graph is not None else self.losses(x, y)
+        loss, values = graph.replay(x, y) if graph is not None else self.losses(x, y, self._levels(batch))
         for name, value in values.items():
             self.log(
                 f"train_{name}",
@@ -307,7 +393,7 @@ class GlowModule(GuardedTraining, L.LightningModule):
         if not self.model.initialized or self._eager_steps < 2:
             self._eager_steps += 1  # ActNorm's initialisation, compilation and autotuning happen eagerly
             return None
-        self._graph = CapturedStep(self.losses, list(self.parameters()), x, y, backend=self.capture_backend)
+        self._graph = CapturedStep(self.losses, list(self.model.parameters()), x, y, backend=self.capture_backend)
         self._say(
             f"cuda_graphs: training step captured for batches of shape {tuple(x.shape)} "
             f"in {self._graph.capture_seconds:.1f} s"
@@ -330,6 +416,10 @@ class GlowModule(GuardedTraining, L.LightningModule):
             )
         if getattr(trainer.precision_plugin, "scaler", None) is not None:
             return f"precision {trainer.precision} scales the loss outside the graph (use bf16-mixed or 32-true)"
+        if self.model.dequantizer is not None:
+            return "variational dequantization takes the integer images too; a captured step takes the images only"
+        if self.model.config.architecture == "transformer":
+            return "the transformer flow's noise augmentation and label dropout draw new values each step"
         return None
 
     def _say(self, message: str) -> None:
@@ -341,7 +431,7 @@ class GlowModule(GuardedTraining, L.LightningModule):
     def _eval_step(self, batch: tuple[Tensor, ...], stage: str) -> None:
         x, y = self._inputs(batch)
         self._compile_once_initialised()
-        _, values = self.losses(x, y)
+        _, values = self.losses(x, y, self._levels(batch), self.eval_model)
         bad = ~torch.isfinite(values["bpd"])
         if bool(bad.any()):  # an evaluation reads values back anyway: one more read per batch
             which = batch[2][bad].tolist()[:5] if len(batch) > 2 else f"{int(bad.sum())} of {len(bad)}"
@@ -373,6 +463,20 @@ class GlowModule(GuardedTraining, L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self._log_skipped()
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        if self.ema is not None:
+            self.ema.update(self.model)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        if self.ema is not None:
+            checkpoint["ema_updates"] = self.ema.updates
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.ema is not None:
+            self.ema.updates = int(checkpoint.get("ema_updates", 0))
 
     def configure_optimizers(self) -> Any:
         scaler = self._trainer is not None and getattr(self.trainer.precision_plugin, "scaler", None) is not None

@@ -81,8 +81,8 @@ class RunProgress(ProgressBar):
         self._start = self._last_refresh = self._last_line = self._images_since = time.monotonic()
         self._last_tenth = 10 * self._first_step // self._total if self._total else 0
         self._paced = (self._first_step, self._start)
-        parameters = sum(p.numel() for p in pl_module.parameters())
         model = getattr(pl_module, "model", pl_module)
+        parameters = sum(p.numel() for p in model.parameters())  # a weight average's copy not counted twice
         devices = f"{trainer.num_devices} {trainer.accelerator.__class__.__name__.removesuffix('Accelerator').lower()}"
         where = getattr(trainer.loggers[0], "log_dir", None) if trainer.loggers else None
         resumed = f", resuming at step {self._first_step}" if self._first_step else ""
