@@ -343,7 +343,7 @@ def test_conditional_transformer_flow_trains_for_guidance_and_samples_with_it(di
     )
     dropped = []
     drop_labels = module.model.drop_labels
-    module.model.drop_labels = lambda y: dropped.append(drop_labels(y)) or dropped[-1]
+    module.model.drop_labels = lambda y, generator=None: dropped.append(drop_labels(y, generator)) or dropped[-1]
     trainer = L.Trainer(
         accelerator="cpu",
         max_steps=6,
