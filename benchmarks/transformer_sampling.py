@@ -14,13 +14,14 @@ runs, alternating the two, in one process with ``--threads`` CPU threads.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
 
 import torch
 import yaml
+
+from glowlab.files import write_json
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "digits-transformer.yaml"
 
@@ -85,7 +86,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"(x{result['speedup']:.2f}); max |cached - uncached| = {difference:.2e}"
     )
     if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        write_json(args.out, result)  # strict JSON: no NaN or Infinity
     return result
 
 

@@ -48,7 +48,6 @@ import contextlib
 import hashlib
 import importlib.metadata
 import importlib.util
-import json
 import subprocess
 import sys
 import tempfile
@@ -64,6 +63,7 @@ import torch
 import yaml
 from torch import Tensor, nn
 
+from glowlab.files import write_json
 from glowlab.likelihood import bits_per_dim, dequantize, mean_and_stderr, per_sample_uniform
 from glowlab.models import MultiscaleFlow
 from glowlab.training.datamodule import ShardDataModule
@@ -207,13 +207,14 @@ def train(
             if average is not None:
                 average.update(model)
             schedule.step()
-            losses.append(float(loss.detach()))
+            if torch.isfinite(loss):  # a skipped step's loss is counted in nonfinite_steps, not averaged
+                losses.append(float(loss.detach()))
             done += 1
             if done % 500 == 0 or done == steps:
-                recent = losses[-100:]
+                recent = losses[-100:] or [float("nan")]
                 print(
                     f"  {name}: step {done}/{steps}, train bits/dim {sum(recent) / len(recent):.4f} (last "
-                    f"{len(recent)}), {time.perf_counter() - start:.1f} s",
+                    f"{len(recent)} finite), {time.perf_counter() - start:.1f} s",
                     file=sys.stderr,
                     flush=True,
                 )
@@ -224,7 +225,7 @@ def train(
     return {
         "train_s": train_s,
         "img_s": steps * budget.batch_size / train_s,
-        "final_train_bpd": sum(recent) / len(recent),
+        "final_train_bpd": sum(recent) / len(recent) if recent else None,  # None: no finite step
         "nonfinite_steps": skipped,
         "batches_sha256": digest.hexdigest(),
     }
@@ -374,7 +375,7 @@ def report(out: dict) -> None:
             print(
                 f"{run['seed']:>4}  {name:<14}{row['parameters']:>11,}  {row['test_bpd']:>12.4f} ± "
                 f"{row['test_stderr']:.4f}  {row['train_s']:>8.1f}  {row['img_s']:>7.1f}  "
-                f"{row['final_train_bpd']:>9.4f}"
+                + (f"{row['final_train_bpd']:>9.4f}" if row["final_train_bpd"] is not None else f"{'-':>9}")
             )
         for key, (mean, se) in run["differences"].items():
             print(f"      {key}: {mean:+.4f} ± {se:.4f} bits/dim (paired over the test images)")
@@ -404,8 +405,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = run(args)
     report(out)
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(out, indent=2))
+        write_json(args.out, out)  # strict JSON: no NaN or Infinity
     return out
 
 

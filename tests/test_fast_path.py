@@ -70,6 +70,31 @@ def test_training_step_never_waits_for_the_device(name: str, backprop: str) -> N
     assert all(p.grad is not None for p in module.parameters())
 
 
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(dequantization="variational", ema_decay=0.99),
+        dict(architecture="transformer", noise_std=0.05, num_classes=3, ema_decay=0.99),
+    ],
+    ids=["glow-variational-ema", "transformer-noise-labels-ema"],
+)
+def test_newer_training_steps_never_wait_for_the_device(options: dict) -> None:
+    # Variational dequantization, the transformer flow's noise and dropped labels, the weight average.
+    module = glow_module(n_bins=17, **{**TINY, **options}).train()
+    levels = torch.randint(0, 17, (6, *TINY["image_shape"]))
+    x = (levels + torch.rand(levels.shape)) / 17 - 0.5
+    y = torch.arange(6) % 3 if options.get("num_classes") else None
+    module.losses(x, y, levels)[0].backward()  # ActNorm's initialisation, once
+    module.ema.update(module.model)  # the first update copies the model whole
+    module.zero_grad()
+    with OperatorCounter(cpu_is_device=True) as counter:
+        loss, _ = module.losses(x, y, levels)
+        loss.backward()
+        module.ema.update(module.model)
+    assert counter.synchronisations == 0, dict(counter.synchronising)
+    assert all(p.grad is not None for p in module.model.parameters())
+
+
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_training_forward_is_one_graph(name: str) -> None:
     model = Glow(**{**TINY, **VARIANTS[name]}).train()

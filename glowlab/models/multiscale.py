@@ -244,6 +244,16 @@ class ImageFlow(nn.Module):
         c, h, w = self.image_shape
         return c * h * w
 
+    @staticmethod
+    def _resolve_config(
+        config: MultiscaleConfig | None, options: dict[str, Any], default: MultiscaleConfig
+    ) -> MultiscaleConfig:
+        """``config`` (or ``default``) with ``options`` replaced; a wrong type or an unknown option stops here."""
+        if config is not None and not isinstance(config, MultiscaleConfig):
+            raise TypeError(f"config={config!r}: pass a MultiscaleConfig, or the options as keywords (image_shape=...)")
+        MultiscaleConfig.check_names(options)
+        return dataclasses.replace(config or default, **options)
+
     def _make_dequantizer(self) -> None:
         config = self.config
         self.dequantizer = (
@@ -538,10 +548,7 @@ class MultiscaleFlow(ImageFlow):
 
     def __init__(self, config: MultiscaleConfig | None = None, **options: Any) -> None:
         super().__init__()
-        if config is not None and not isinstance(config, MultiscaleConfig):
-            raise TypeError(f"config={config!r}: pass a MultiscaleConfig, or the options as keywords (image_shape=...)")
-        MultiscaleConfig.check_names(options)
-        config = dataclasses.replace(config or MultiscaleConfig(), **options)
+        config = self._resolve_config(config, options, MultiscaleConfig())
         if config.architecture == "transformer":
             raise ValueError(
                 "architecture='transformer' is a TransformerFlow: build it with glowlab.models.image_flow(config)"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import torch
@@ -32,10 +31,7 @@ class TransformerFlow(ImageFlow):
 
     def __init__(self, config: MultiscaleConfig | None = None, **options: Any) -> None:
         super().__init__()
-        if config is not None and not isinstance(config, MultiscaleConfig):
-            raise TypeError(f"config={config!r}: pass a MultiscaleConfig, or the options as keywords (image_shape=...)")
-        MultiscaleConfig.check_names(options)
-        config = dataclasses.replace(config or MultiscaleConfig(architecture="transformer"), **options)
+        config = self._resolve_config(config, options, MultiscaleConfig(architecture="transformer"))
         if config.architecture != "transformer":
             raise ValueError(f"TransformerFlow needs architecture='transformer', got {config.architecture!r}")
         self.config = config
