@@ -18,6 +18,7 @@ from helpers import glow_module, working_directory
 from PIL import Image
 
 from glowlab.cli import main
+from glowlab.jobs.classifier import train_classifier
 from glowlab.models import Glow
 from glowlab.training import GlowModule, SampleGrid, ShardDataModule, Throughput
 from glowlab.training.cli import GlowCLI
@@ -317,6 +318,13 @@ def test_other_models_train_and_run_every_image_job(name: str, architecture: str
     rows = list(csv.DictReader((tmp_path / "scores.csv").open()))
     assert [int(r["index"]) for r in rows] == list(range(359))
     assert np.mean([float(r["bits_per_dim"]) for r in rows]) == pytest.approx(fitted["test_bpd"], abs=1e-5)
+    if architecture == "transformer":  # FID through the transformer flow's own sampling (cache, bounded scales)
+        classifier = tmp_path / "classifier.pt"
+        train_classifier(str(digits_root), epochs=1, out=str(classifier))
+        fid_args = ["evaluate", "fid", "--ckpt", ckpt, "--data", str(digits_root), "--features", "classifier"]
+        fid_args += ["--classifier", str(classifier), "--num-samples", "50", "--cache-dir", str(tmp_path / "cache")]
+        fid = json.loads(Path(main_json(fid_args, tmp_path / "fid")).read_text())
+        assert math.isfinite(fid["fid"]) and fid["fid"] > 0 and fid["num_samples"] == 50
 
 
 def main_json(argv: list[str], out: Path) -> Path:
