@@ -614,11 +614,15 @@ class MultiscaleFlow(ImageFlow):
         shared = torch.compile(folded_step, dynamic=False)
         for level in self.levels:
             for layer in level.layers:
-                if isinstance(layer, FlowStep):
+                if isinstance(layer, FlowStep) and layer.learned_mixing:
+                    # The (C, C) fold stays eager and the compiled graph takes the folded kernel as
+                    # an input, on every path that runs the step (a level's batched fold, a level of
+                    # one step, invertible backprop): inductor in torch 2.11 fails to lower a
+                    # convolution whose weight is computed inside the graph.
                     layer.couple_fn = shared
-                # The squeeze is a reshape and a copy, nothing to fuse; the rest are flow steps, run
-                # through forward when they are not folded (RealNVP, NICE, invertible backprop).
-                if not isinstance(layer, Squeeze):
+                elif not isinstance(layer, Squeeze):
+                    # The squeeze is a reshape and a copy, nothing to fuse; the rest are flow steps
+                    # without a learned 1x1 convolution (RealNVP, NICE), compiled whole.
                     layer.compile(dynamic=False)
 
     def evaluate(self, x: Tensor, y: Tensor | None = None) -> MultiscaleOutput:
