@@ -20,7 +20,8 @@ a step's peak RSS above weights, gradients and optimizer state, in a fresh proce
 utilisation (FLOPs of forward and backward counted with torch.utils.flop_counter, against the
 device's dense peak for the precision); warm-up time (ActNorm initialisation, compilation,
 capture); operators dispatched per phase and host synchronisations (eager implementations);
-sampling images/s. Then each glowlab variant's speed against the fastest other implementation.
+sampling images/s. Then each glowlab variant's speed against the fastest other implementation,
+and with ``--profile N`` the convolutions' share of each one's operator time over N profiled steps.
 
     pip install -e ".[bench]"
     python benchmarks/glow_step.py                                   # CPU, reference config
@@ -188,6 +189,24 @@ def count_flops(impl: Implementation, x: Tensor, device: str, precision: str) ->
     return flops.get_total_flops()
 
 
+def convolution_share(impl: Implementation, device: str, steps: int) -> float:
+    """Fraction of ``steps`` training steps' operator self time (CPU, or CUDA kernels on a GPU) in convolutions."""
+    from torch.profiler import ProfilerActivity, profile
+
+    on_cuda = torch.device(device).type == "cuda"
+    activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if on_cuda else [])]
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            impl.step()
+        if on_cuda:
+            torch.cuda.synchronize()
+    # Only aten operators: their self times partition the step without counting a call twice.
+    events = [e for e in prof.key_averages() if e.key.startswith("aten::")]
+    own = (lambda e: e.self_device_time_total) if on_cuda else (lambda e: e.self_cpu_time_total)
+    total = sum(own(e) for e in events)
+    return sum(own(e) for e in events if "convolution" in e.key) / total if total else 0.0
+
+
 def peak_tflops(device: str, precision: str, given: float | None) -> float | None:
     if given is not None:
         return given
@@ -243,6 +262,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--peak-tflops", type=float, help="the device's dense peak (default: known GPUs)")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory measurement")
+    parser.add_argument(
+        "--profile", type=int, default=0, metavar="N", help="profile N more steps each: the convolutions' share"
+    )
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--memory-worker", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -297,6 +319,7 @@ def main(argv: list[str] | None = None) -> dict:
             if k in sample_t:
                 with torch.no_grad():
                     sample_t[k].append(timed(lambda k=k: impls[k].sample(batch), device))
+    conv_share = {k: convolution_share(impls[k], device, args.profile) for k in names} if args.profile else {}
     peak = peak_tflops(device, precision, args.peak_tflops)
     results = {}
     print(
@@ -316,6 +339,7 @@ def main(argv: list[str] | None = None) -> dict:
             "memory": memory.get(k),
             "operators": ops.get(k),
             "sample_img_s": batch / statistics.median(sample_t[k]) if k in sample_t else None,
+            "convolution_share": conv_share.get(k),
         }
         results[k] = row
         mfu = "-" if row["mfu"] is None else f"{100 * row['mfu']:.2f}%"
@@ -342,6 +366,8 @@ def main(argv: list[str] | None = None) -> dict:
                     f"{k} / {best} (the fastest other): {statistics.median(ratios):.2f}x training img/s "
                     f"(median of {args.pairs} alternating rounds)"
                 )
+    for k, share in conv_share.items():
+        print(f"{k}: convolutions {100 * share:.0f}% of the operators' self time over {args.profile} profiled steps")
     if peak is not None:
         print(f"MFU against {peak} TFLOP/s ({'bf16' if precision == 'bf16' else 'TF32'} dense peak)")
     if args.json:

@@ -86,11 +86,25 @@ def test_glow_step_runs_glowlab_and_adapters(tmp_path, monkeypatch) -> None:
     adapters = BENCHMARKS / "adapters"
     impls = ["glowlab", "glowlab:compile", str(adapters / "normflows_glow.py"), str(adapters / "rosinality_glow.py")]
     out = tmp_path / "results.json"
-    args = ["--impl", *impls, "--hidden-channels", "8", "--steps", "2", "--batch", "4", "--pairs", "2"]
+    args = [
+        "--impl",
+        *impls,
+        "--hidden-channels",
+        "8",
+        "--steps",
+        "2",
+        "--batch",
+        "4",
+        "--pairs",
+        "2",
+        "--profile",
+        "1",
+    ]
     results = glow_step.main([*args, "--no-memory", "--peak-tflops", "1", "--json", str(out)])
     assert set(results) == {"glowlab", "glowlab:compile", "normflows_glow", "rosinality_glow"}
     for name, row in results.items():
         assert row["img_s"] > 0 and row["gflop_step"] > 0 and 0 < row["mfu"] < 1, name
+        assert 0 < row["convolution_share"] < 1, name
     assert results["rosinality_glow"]["params_m"] == pytest.approx(results["glowlab"]["params_m"])
     assert results["glowlab"]["operators"]["syncs"] == 0 and results["glowlab:compile"]["operators"] is None
     assert json.loads(out.read_text())["results"]["glowlab"]["ms_step"] > 0
