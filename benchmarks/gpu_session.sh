@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The GPU measurements in one run (about 6 minutes on one H200), for a machine lent for a short
-# session: the fast path's checks, then the benchmarks whose figures benchmarks/README.md records.
+# The GPU measurements in one run (about 6 minutes on one H200; its steps' time limits add up to 9.5
+# minutes), for a machine lent for a short session: the fast path's checks, then the benchmarks whose
+# figures benchmarks/README.md records.
 # Every result also goes to $OUT (default gpu-results/). Run from the repository root; packages the
 # machine lacks (webdataset, braceexpand, jsonargparse and its helpers, normflows) are installed
 # from wheels in .whl/ when that folder exists (benchmarks/README.md, "On a GPU", says how to get them).
@@ -20,12 +21,12 @@ step() {  # step SECONDS NAME COMMAND...: one measurement, its output in $out/NA
   timeout "$limit" "$@" 2>&1 | tee "$out/$name.txt"
 }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/device.txt"
-step 120 gpu_check $py benchmarks/gpu_check.py
+step 150 gpu_check $py benchmarks/gpu_check.py
 nf=benchmarks/adapters/normflows_glow.py
 step 120 reference $py benchmarks/glow_step.py --device cuda --config reference \
   --impl glowlab glowlab:graphs glowlab:compile+graphs "$nf" --json "$out/reference.json"
 step 90 paper $py benchmarks/glow_step.py --device cuda --config paper \
   --impl glowlab glowlab:graphs "$nf" --pairs 10 --json "$out/paper.json"
-step 150 main_job $py benchmarks/main_job.py --accelerator gpu --variant eager cuda_graphs --no-wandb \
+step 150 main_job $py benchmarks/main_job.py --accelerator gpu --variant cuda_graphs eager --no-wandb \
   --json "$out/main_job.json"
 step 60 compile_time $py benchmarks/compile_time.py --device cuda --depths 8 32 --width 512 --modes per-step

@@ -70,8 +70,8 @@ def main() -> None:
             f"{row['fit_s']:.1f} s, test bits/dim {row['test_bpd']:.4f}, peak RSS {row['peak_rss_gib']:.2f} GiB",
             flush=True,
         )
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2))
+        if args.json:  # after each variant: a time limit that stops a later one keeps this one's figures
+            Path(args.json).write_text(json.dumps(rows, indent=2))
 
 
 if __name__ == "__main__":

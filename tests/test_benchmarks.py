@@ -129,6 +129,18 @@ def test_main_job_reports_its_wall_time_and_test_bpd(tmp_path) -> None:
     assert f"test bits/dim {row['test_bpd']:.4f}" in printed
 
 
+def test_gpu_check_runs_every_check_emulated_on_the_cpu() -> None:
+    """The GPU checks' script itself, before GPU time is spent on it: every check, the capture emulated."""
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "gpu_check.py"), "--emulate"], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    verdicts = [line for line in result.stdout.splitlines() if line.startswith(("PASS", "FAIL"))]
+    assert len(verdicts) == 10 and all(line.startswith("PASS") for line in verdicts), verdicts
+    assert "PASS sync-free training step: 0 operators of" in result.stdout
+    assert "all 10 checks passed" in result.stdout
+
+
 def test_transformer_sampling_times_both_paths_and_they_agree(tmp_path) -> None:
     import transformer_sampling
 

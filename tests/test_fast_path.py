@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch._dynamo
 from helpers import glow_module, perturb
+from torch._dynamo.utils import counters
 from torch.utils.data import DataLoader, TensorDataset
 
 from glowlab.dispatch import OperatorCounter
@@ -206,6 +207,41 @@ def test_captured_step_gives_each_batch_its_own_gradients() -> None:
             torch.testing.assert_close(a, p.grad, rtol=0, atol=0)
     with pytest.raises(ValueError, match="needs CUDA tensors"):
         CapturedStep(module.losses, params, x, y, backend="cuda")
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+def test_capture_compiles_nothing_its_warm_up_did_not(autocast: bool) -> None:
+    """Compiled steps are compiled and autotuned in the warm-up, never in the recorded pass.
+
+    The training step before a capture runs with autocast's weight cache on and the capture with it
+    off; dynamo guards on that flag, so a warm-up in the step's own state would leave the recompile
+    to the recorded pass, where a CUDA capture cannot autotune.
+    """
+    torch._dynamo.reset()  # other tests' entries count towards the compiled step's recompile limit
+    torch.manual_seed(0)
+    module = glow_module(n_bins=17, **TINY)
+    x, _ = batch({})
+    params = list(module.parameters())
+    context = torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast)
+    with context:
+        module.losses(x, None)[0].backward()  # ActNorm's initialisation
+    module.model.compile_steps()
+    with context:
+        module.losses(x, None)[0].backward()  # the eager steps before a capture compile the steps
+    graphs_per_pass = []
+
+    def losses(x: torch.Tensor, y: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        before = counters["stats"]["unique_graphs"]
+        out = module.losses(x, y)
+        graphs_per_pass.append(counters["stats"]["unique_graphs"] - before)
+        return out
+
+    with context:
+        graph = CapturedStep(losses, params, x, None, backend="emulated")
+        graph.replay(x, None)
+    assert len(graphs_per_pass) == 4  # two warm-up passes, the recorded one, a replay
+    assert graphs_per_pass[0] > 0  # the capture's autocast state is a new one for dynamo ...
+    assert graphs_per_pass[2:] == [0, 0]  # ... which the warm-up has compiled for
 
 
 def _train(cuda_graphs: bool, **trainer_options) -> GlowModule:

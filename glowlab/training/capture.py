@@ -28,12 +28,17 @@ class CapturedStep:
     into earlier ones) and the returned loss and values are this batch's. ``fn`` must not
     synchronise with the host (no ``.item()``, no Python branching on tensor values) and must run
     the same kernels for every batch of the captured shape. ``warmup`` eager passes on a side stream
-    come first, as CUDA graph capture needs (cuDNN's algorithm search, the allocator's pools);
-    they change no parameter.
+    come first, as CUDA graph capture needs (cuDNN's algorithm search, the allocator's pools,
+    compilation and autotuning of compiled flow steps); they change no parameter. They run in the
+    capture's own autocast state (its weight cache off): dynamo guards on that state, and a compiled
+    step last run in another one would recompile inside the capture, where autotuning cannot run.
+    Only the capturing thread is barred from calls that would break a capture
+    (``capture_error_mode="thread_local"``): a DataLoader's pin-memory thread keeps allocating
+    pinned buffers for the next batches while the step is captured.
 
     ``backend="emulated"`` runs ``fn`` eagerly at every replay but keeps the graph's bookkeeping
-    (static input, output and gradient tensors): it tests the wiring around a capture on a machine
-    without a GPU, and is what the CPU test suite runs.
+    (static input, output and gradient tensors) and its warm-up: it tests the wiring around a
+    capture on a machine without a GPU, and is what the CPU test suite runs.
 
     References: NVIDIA, "CUDA Graphs" (CUDA C++ Programming Guide); PyTorch, torch.cuda.graphs, 2021.
     """
@@ -56,12 +61,24 @@ class CapturedStep:
         self.backend = backend
         self.static_x = x.detach().clone()
         self.static_y = None if y is None else y.detach().clone()
+        device = x.device.type
+        self._autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
         started = time.perf_counter()
+        for p in self.params:
+            p.grad = None
         if backend == "cuda":
             self._capture_cuda(warmup)
         else:
+            for _ in range(warmup):
+                self._warm_up_pass()
             self._run_eagerly_into_static()
         self.capture_seconds = time.perf_counter() - started
+
+    def _context(self) -> torch.autocast:
+        """The autocast state of the captured step, with the weight cache off: a cache would keep
+        casts made before the capture, and a replay must redo them."""
+        device, enabled, dtype = self._autocast
+        return torch.autocast(device, dtype=dtype, enabled=enabled, cache_enabled=False)
 
     def matches(self, x: Tensor, y: Tensor | None) -> bool:
         """Whether a batch fits the captured input tensors (shape, dtype, device, labels or not)."""
@@ -90,25 +107,24 @@ class CapturedStep:
             self._run_eagerly_into_static()
         return self.loss.clone(), {k: v.clone() for k, v in self.values.items()}
 
-    def _capture_cuda(self, warmup: int) -> None:
+    def _warm_up_pass(self) -> None:
+        with self._context():
+            loss, _ = self.fn(self.static_x, self.static_y)
+        loss.backward()
         for p in self.params:
             p.grad = None
+
+    def _capture_cuda(self, warmup: int) -> None:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(warmup):
-                loss, _ = self.fn(self.static_x, self.static_y)
-                loss.backward()
-                for p in self.params:
-                    p.grad = None
+                self._warm_up_pass()
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        # Autocast's cache of cast weights must be off inside a capture, or the graph would keep
-        # casts made before it; the casts are then part of the graph, which is what we want.
-        autocast = torch.is_autocast_enabled("cuda")
-        dtype = torch.get_autocast_dtype("cuda")
-        with torch.cuda.graph(self.graph), torch.autocast("cuda", dtype=dtype, enabled=autocast, cache_enabled=False):
-            self.loss, self.values = self.fn(self.static_x, self.static_y)
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+            with self._context():
+                self.loss, self.values = self.fn(self.static_x, self.static_y)
             self.loss.backward()
         # With no gradient before the capture, backward allocated these in the graph's memory pool;
         # every replay overwrites them.
@@ -117,7 +133,8 @@ class CapturedStep:
     def _run_eagerly_into_static(self) -> None:
         for p in self.params:
             p.grad = None
-        loss, values = self.fn(self.static_x, self.static_y)
+        with self._context():
+            loss, values = self.fn(self.static_x, self.static_y)
         loss.backward()
         with torch.no_grad():
             if not hasattr(self, "loss"):  # the first run creates the static outputs, as a capture does
