@@ -136,9 +136,23 @@ def test_gpu_check_runs_every_check_emulated_on_the_cpu() -> None:
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     verdicts = [line for line in result.stdout.splitlines() if line.startswith(("PASS", "FAIL"))]
-    assert len(verdicts) == 10 and all(line.startswith("PASS") for line in verdicts), verdicts
-    assert "PASS sync-free training step: 0 operators of" in result.stdout
-    assert "all 10 checks passed" in result.stdout
+    assert len(verdicts) == 12 and all(line.startswith("PASS") for line in verdicts), verdicts
+    assert "PASS sync-free training step (1x1 convolution by slogdet, additive): 0 operators of" in result.stdout
+    assert "all 12 checks passed" in result.stdout
+
+
+def test_gpu_check_reports_a_check_that_raises_and_runs_the_next(capsys) -> None:
+    import gpu_check
+
+    def failing_capture() -> None:
+        raise RuntimeError("CUDA error: operation not permitted when stream is capturing\nthe rest")
+
+    already = len(gpu_check.failures)
+    gpu_check.attempt("capture (x)", failing_capture)
+    gpu_check.attempt("next", gpu_check.report, "next", True, "ran")
+    printed = capsys.readouterr().out
+    assert "FAIL capture (x): raised RuntimeError: CUDA error: operation not permitted when stream" in printed
+    assert "PASS next: ran" in printed and gpu_check.failures[already:] == ["capture (x)"]
 
 
 def test_transformer_sampling_times_both_paths_and_they_agree(tmp_path) -> None:

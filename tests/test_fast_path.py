@@ -15,6 +15,7 @@ from helpers import glow_module, perturb
 from torch._dynamo.utils import counters
 from torch.utils.data import DataLoader, TensorDataset
 
+import glowlab.training.module as training_module
 from glowlab.dispatch import OperatorCounter
 from glowlab.flows import ActNorm
 from glowlab.flows.base import FlowSequence, chain_forward
@@ -275,6 +276,26 @@ def test_cuda_graph_training_matches_eager_training(caplog) -> None:
     messages = caplog.text
     assert "training step captured for batches of shape (16, 1, 8, 8)" in messages
     assert "a batch of shape (4, 1, 8, 8) runs eagerly" in messages  # the ragged last batch
+
+
+class FailingCapture(CapturedStep):
+    """Runs a capture's passes, then fails as a CUDA capture does on an operator it cannot record."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        raise RuntimeError("CUDA error: operation not permitted when stream is capturing\nthe rest of it")
+
+
+def test_a_failed_capture_leaves_the_run_training_eagerly(caplog, monkeypatch) -> None:
+    monkeypatch.setattr(training_module, "CapturedStep", FailingCapture)
+    with caplog.at_level(logging.INFO):
+        eager = _train(False, gradient_clip_val=0.5)
+        failed = _train(True, gradient_clip_val=0.5)
+    assert failed._graph is None
+    for (name, a), b in zip(eager.named_parameters(), failed.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14, msg=name)
+    reason = "cuda_graphs: training runs eagerly: the capture failed (CUDA error: operation not permitted when"
+    assert caplog.text.count(reason) == 1  # said once, tried once
 
 
 def test_cuda_graphs_say_why_they_are_not_used(caplog) -> None:

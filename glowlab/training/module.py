@@ -226,7 +226,8 @@ class GlowModule(GuardedTraining, L.LightningModule):
       the learning-rate schedule run outside it as usual. Where a capture would be wrong it is not
       made and one line says why: not on a CUDA device, more than one process (DDP reduces
       gradients from hooks a replay does not run), gradient accumulation, 16-bit loss scaling;
-      a batch of another shape runs eagerly. Opt-in until it has been measured on a GPU.
+      a batch of another shape runs eagerly; a capture that fails (an operator it cannot record)
+      leaves the run training eagerly. Opt-in until it has been measured on a GPU.
 
     References: Kingma & Dhariwal, "Glow: Generative Flow with Invertible 1x1 Convolutions", 2018.
     """
@@ -261,6 +262,7 @@ class GlowModule(GuardedTraining, L.LightningModule):
         )
         self._compiled = False
         self._graph: CapturedStep | None = None
+        self._capture_error: str | None = None  # why a capture failed: the run then trains eagerly
         self._replayed = False  # whether this training step's gradients came from the graph
         self._eager_steps = 0
         self._said: set[str] = set()
@@ -393,7 +395,16 @@ class GlowModule(GuardedTraining, L.LightningModule):
         if not self.model.initialized or self._eager_steps < 2:
             self._eager_steps += 1  # ActNorm's initialisation, compilation and autotuning happen eagerly
             return None
-        self._graph = CapturedStep(self.losses, list(self.model.parameters()), x, y, backend=self.capture_backend)
+        try:
+            self._graph = CapturedStep(self.losses, list(self.model.parameters()), x, y, backend=self.capture_backend)
+        except RuntimeError as error:
+            # An operator the capture cannot record (one that waits for the device, a library call
+            # barred during a capture): the run trains eagerly, as without the option, and says so.
+            self._capture_error = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            for p in self.model.parameters():
+                p.grad = None  # the failed warm-up's or capture's gradients are no batch's
+            self._say(f"cuda_graphs: training runs eagerly: {self._why_not_capture(x)}")
+            return None
         self._say(
             f"cuda_graphs: training step captured for batches of shape {tuple(x.shape)} "
             f"in {self._graph.capture_seconds:.1f} s"
@@ -401,6 +412,8 @@ class GlowModule(GuardedTraining, L.LightningModule):
         return self._graph
 
     def _why_not_capture(self, x: Tensor) -> str | None:
+        if self._capture_error is not None:
+            return f"the capture failed ({self._capture_error})"
         trainer = self.trainer
         if self.capture_backend == "cuda" and x.device.type != "cuda":
             return f"it needs a CUDA device and this run is on {x.device.type}"
