@@ -18,6 +18,9 @@ capture). Here they run for real:
    ``compile=True`` and ``cuda_graphs=True`` against one with ``compile=True`` alone. Last, as the
    slowest to compile.
 
+6. a failed capture: one that reads a value on the host raises, and eager steps go on after it on
+   the stream they ran on (what ``GlowModule`` relies on to fall back to eager training).
+
 A check that raises (a capture fails on an operator it cannot record) is reported as failed with
 the error's first line, and the other checks still run.
 
@@ -217,6 +220,44 @@ def check_training(baseline: tuple[GlowModule, float], name: str, **options) -> 
     )
 
 
+def check_failed_capture() -> None:
+    """A capture that fails (here on a host read) raises, and eager steps go on as before it."""
+    torch.manual_seed(0)
+    glow = module()
+    x, _ = batch(16, None)
+    glow.losses(x, None)[0].backward()  # ActNorm's initialisation
+    params = [p for p in glow.parameters() if p.requires_grad]
+    passes = 0
+
+    def reads_back(x: torch.Tensor, y: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        nonlocal passes
+        passes += 1
+        loss, values = glow.losses(x, y)
+        if float(loss) != float(loss):  # a host read: barred inside a CUDA capture
+            raise ValueError("the loss is NaN")
+        if BACKEND == "emulated" and passes == 3:  # nothing is barred without a GPU: fail as a capture would
+            raise RuntimeError("emulated: operation not permitted when stream is capturing")
+        return loss, values
+
+    stream = torch.cuda.current_stream() if DEVICE == "cuda" else None
+    try:
+        CapturedStep(reads_back, params, x, None, backend=BACKEND)
+        error = None
+    except RuntimeError as raised:
+        error = (str(raised).strip().splitlines() or [type(raised).__name__])[0]
+    for p in params:
+        p.grad = None
+    loss = glow.losses(x, None)[0]
+    loss.backward()
+    same_stream = stream is None or torch.cuda.current_stream() == stream
+    finite = bool(torch.isfinite(loss)) and all(bool(torch.isfinite(p.grad).all()) for p in params)
+    report(
+        "failed capture",
+        error is not None and same_stream and finite,
+        f"raised: {error}; then an eager step on the same stream {same_stream}, finite loss and gradients {finite}",
+    )
+
+
 def attempt(label: str, check: Callable[..., None], *args, **kwargs) -> None:
     """Run one check; an exception (a capture that fails raises) is its failure, and the rest still run."""
     try:
@@ -260,8 +301,10 @@ def main() -> None:
     # in compilation's rounding (float32 runs drift ~4e-3 apart over 30 steps, measured on the CPU).
     name = "cuda_graphs on compiled steps"
     attempt(
-        f"Lightning training with {name}", check_training, train(compile=True), name, compile=True, cuda_graphs=True
+        f"Lightning training with {name}",
+        lambda: check_training(train(compile=True), name, compile=True, cuda_graphs=True),
     )
+    attempt("failed capture", check_failed_capture)  # last: it breaks a capture on purpose
     print(f"{len(failures)} of {checks} checks failed" if failures else f"all {checks} checks passed", flush=True)
     sys.exit(1 if failures else 0)
 

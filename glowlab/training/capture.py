@@ -120,12 +120,19 @@ class CapturedStep:
         with torch.cuda.stream(side):
             for _ in range(warmup):
                 self._warm_up_pass()
-        torch.cuda.current_stream().wait_stream(side)
+        outer = torch.cuda.current_stream()
+        outer.wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
-            with self._context():
-                self.loss, self.values = self.fn(self.static_x, self.static_y)
-            self.loss.backward()
+        try:
+            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+                with self._context():
+                    self.loss, self.values = self.fn(self.static_x, self.static_y)
+                self.loss.backward()
+        except BaseException:
+            # A capture that fails to end skips torch.cuda.graph's stream restore: training may go
+            # on eagerly (GlowModule does), and must do so on the stream it came from.
+            torch.cuda.set_stream(outer)
+            raise
         # With no gradient before the capture, backward allocated these in the graph's memory pool;
         # every replay overwrites them.
         self.grads = [p.grad for p in self.params]
