@@ -50,6 +50,7 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from glowlab.dispatch import OperatorCounter
+from glowlab.training.capture import first_line
 
 CONFIGS = {
     "reference": dict(image_shape=(3, 32, 32), levels=3, steps=8, hidden_channels=128, batch=16, precision="32"),
@@ -310,8 +311,7 @@ def main(argv: list[str] | None = None) -> dict:
             if not name.endswith("graphs"):
                 raise
             # A capture that fails (an operator it cannot record) costs its own row, not the run's.
-            first = (str(error).strip().splitlines() or [type(error).__name__])[0]
-            print(f"--impl {name}: left out, the capture failed ({first})", flush=True)
+            print(f"--impl {name}: left out, the capture failed ({first_line(error)})", flush=True)
             continue
         impls[impl.name] = impl
     ops = {k: count_operators(v, x, device, precision) for k, v in impls.items() if v.eager and "graphs" not in k}
@@ -379,7 +379,9 @@ def main(argv: list[str] | None = None) -> dict:
     if peak is not None:
         print(f"MFU against {peak} TFLOP/s ({'bf16' if precision == 'bf16' else 'TF32'} dense peak)")
     if args.json:
-        Path(args.json).write_text(json.dumps({"config": config, "device": device, "results": results}, indent=2))
+        Path(args.json).write_text(
+            json.dumps({"config": config, "device": device, "results": results}, indent=2, allow_nan=False)
+        )
     return results
 
 

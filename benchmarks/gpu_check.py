@@ -47,7 +47,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from glowlab.dispatch import OperatorCounter
 from glowlab.models import MultiscaleConfig
 from glowlab.training import GlowModule
-from glowlab.training.capture import CapturedStep
+from glowlab.training.capture import CapturedStep, first_line
 from glowlab.training.module import configure_clipping, optimizer_with_warmup
 
 SMALL = dict(image_shape=(3, 32, 32), levels=3, steps=4, hidden_channels=64, n_bins=256)
@@ -244,7 +244,7 @@ def check_failed_capture() -> None:
         CapturedStep(reads_back, params, x, None, backend=BACKEND)
         error = None
     except RuntimeError as raised:
-        error = (str(raised).strip().splitlines() or [type(raised).__name__])[0]
+        error = first_line(raised)
     for p in params:
         p.grad = None
     loss = glow.losses(x, None)[0]
@@ -263,8 +263,7 @@ def attempt(label: str, check: Callable[..., None], *args, **kwargs) -> None:
     try:
         check(*args, **kwargs)
     except Exception as error:
-        first = (str(error).strip().splitlines() or [""])[0]
-        report(label, False, f"raised {type(error).__name__}: {first}")
+        report(label, False, f"raised {type(error).__name__}: {first_line(error)}")
 
 
 def main() -> None:

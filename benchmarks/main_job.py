@@ -71,7 +71,7 @@ def main() -> None:
             flush=True,
         )
         if args.json:  # after each variant: a time limit that stops a later one keeps this one's figures
-            Path(args.json).write_text(json.dumps(rows, indent=2))
+            Path(args.json).write_text(json.dumps(rows, indent=2, allow_nan=False))
 
 
 if __name__ == "__main__":

@@ -21,6 +21,11 @@ LossFunction = Callable[[Tensor, Tensor | None], tuple[Tensor, dict[str, Tensor]
 BACKENDS = ("cuda", "emulated")
 
 
+def first_line(error: BaseException) -> str:
+    """The first line of an error's message (a CUDA error's is the cause; the rest is advice), else its type."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
 class CapturedStep:
     """``loss, values = fn(x, y)`` and ``loss.backward()``, captured for inputs of one shape.
 

@@ -17,7 +17,7 @@ from glowlab.console import glowlab_logger
 from glowlab.flows.base import check_option
 from glowlab.likelihood import bits_per_dim, variational_bits_per_dim
 from glowlab.models import MultiscaleConfig, image_flow
-from glowlab.training.capture import CapturedStep
+from glowlab.training.capture import CapturedStep, first_line
 
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamax": torch.optim.Adamax}
 # Their names as a type, so that `glowlab fit --help` lists them and the parser refuses others
@@ -400,7 +400,7 @@ class GlowModule(GuardedTraining, L.LightningModule):
         except RuntimeError as error:
             # An operator the capture cannot record (one that waits for the device, a library call
             # barred during a capture): the run trains eagerly, as without the option, and says so.
-            self._capture_error = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            self._capture_error = first_line(error)
             for p in self.model.parameters():
                 p.grad = None  # the failed warm-up's or capture's gradients are no batch's
             self._say(f"cuda_graphs: training runs eagerly: {self._why_not_capture(x)}")
