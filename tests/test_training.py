@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import math
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import lightning as L
@@ -20,7 +22,7 @@ from torch._dynamo.utils import counters
 
 from glowlab.cli import main
 from glowlab.jobs.classifier import train_classifier
-from glowlab.models import Glow
+from glowlab.models import Glow, MultiscaleConfig, image_flow
 from glowlab.training import GlowModule, SampleGrid, ShardDataModule, Throughput
 from glowlab.training.cli import GlowCLI
 
@@ -238,6 +240,56 @@ def test_compiled_steps_match_eager(backprop: str) -> None:
     assert compiled.state_dict().keys() == eager.state_dict().keys()
     # The steps really ran compiled: a few graphs, one per step shape, shared by the steps.
     assert 1 <= counters["stats"]["unique_graphs"] <= 4
+
+
+@pytest.mark.parametrize("architecture", ["glow", "realnvp", "nice", "transformer"])
+def test_compiled_steps_stay_compiled_through_every_pass_of_a_run(
+    architecture: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regionally compiled layers share one code object, and dynamo counts its graphs against one
+    recompile limit: a three-level model's training, capture, validation and ragged-batch passes
+    need more than dynamo's default 8, and the passes after it used to run eagerly."""
+    # Graphs and guards are dynamo's; the eager backend keeps the C++ compiler out of the test.
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    with torch._dynamo.config.patch(recompile_limit=8, fail_on_recompile_limit_hit=True):
+        graphs = compiled_graphs_per_pass(architecture)
+    assert graphs[1] == graphs[0] > 0
+    assert graphs[1] < graphs[2] < graphs[3] < graphs[4]  # each new pass compiled its own graphs
+
+
+def compiled_graphs_per_pass(architecture: str) -> list[int]:
+    """dynamo graphs compiled so far after each pass of a run: two training passes, one in a
+    capture's autocast state, validation and a ragged validation batch."""
+    torch.manual_seed(0)
+    if architecture == "transformer":
+        config = MultiscaleConfig(
+            image_shape=(2, 4, 4), architecture="transformer", steps=4, hidden_channels=8, heads=2, layers_per_block=1
+        )
+    else:
+        config = MultiscaleConfig(
+            image_shape=(2, 16, 16), architecture=architecture, levels=3, steps=2, hidden_channels=8
+        )
+    model = image_flow(config)
+    x = torch.rand(8, *config.image_shape) - 0.5
+    model.log_prob(x)  # ActNorm initialisation
+    torch._dynamo.reset()
+    counters.clear()
+    model.compile_steps()
+    graphs = []
+
+    def graphs_after(pass_: Callable[[], object]) -> None:
+        pass_()
+        graphs.append(counters["stats"]["unique_graphs"])
+
+    graphs_after(lambda: model.log_prob(x).mean().backward())
+    graphs_after(lambda: model.log_prob(x).mean().backward())  # compiled graphs reused
+    with torch.autocast("cpu", enabled=False, cache_enabled=False):  # a CUDA-graph capture's state
+        graphs_after(lambda: model.log_prob(x).mean().backward())
+    model.eval()
+    with torch.no_grad():
+        graphs_after(lambda: model.log_prob(x))
+        graphs_after(lambda: model.log_prob(x[:5]))  # a ragged last batch
+    return graphs
 
 
 def test_compiled_training_run_writes_a_plain_checkpoint(digits_root: Path, tmp_path: Path) -> None:

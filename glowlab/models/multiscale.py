@@ -401,6 +401,25 @@ def folded_step(
     return run_forward(step.layers[2], F.conv2d(x, kernel, bias), context)
 
 
+# dynamo's default recompile limit, which it applies per code object: what one compiled function gets.
+RECOMPILES_PER_LAYER = 8
+
+
+def share_recompile_limit(layers: int) -> None:
+    """Raise dynamo's per-function recompile limit so that ``layers`` compiled layers sharing one code
+    object may each recompile as often as a function compiled on its own.
+
+    Regionally compiled layers share their code (one :func:`folded_step`, one ``forward`` per class),
+    and dynamo counts the graphs of a code object against one limit. A model's variants (each level's
+    shape, grad mode, eval mode, a ragged last batch, a capture's autocast state) would otherwise use
+    up the default 8 in training and leave the rest of the run eager. dynamo's global cap on all
+    graphs (``accumulated_recompile_limit``) still stops runaway recompilation. The limit is only
+    ever raised.
+    """
+    config = torch._dynamo.config
+    config.recompile_limit = max(config.recompile_limit, RECOMPILES_PER_LAYER * layers)
+
+
 def fold_actnorm(
     weights: Tensor, actnorms: list[ActNorm], logabsdet: Tensor
 ) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...], Tensor]:
@@ -602,7 +621,8 @@ class MultiscaleFlow(ImageFlow):
         Every step of a level has the same shapes and code, so the compiled graph of one (with the
         parameters as graph inputs) serves them all: a model compiles a handful of small graphs,
         one per level and kind of layer, whatever its depth. The splits and the top prior (a few
-        operators each) stay eager. ``state_dict`` keys are unchanged.
+        operators each) stay eager. ``state_dict`` keys are unchanged. Raises dynamo's recompile
+        limit to what the steps would have if compiled one by one (:func:`share_recompile_limit`).
         Call it once ActNorm is initialised (see :attr:`initialized`): the initialisation runs
         once, outside any graph.
 
@@ -612,8 +632,10 @@ class MultiscaleFlow(ImageFlow):
         if not self.initialized:
             raise RuntimeError("compile_steps needs initialised ActNorm layers: run one training batch first")
         shared = torch.compile(folded_step, dynamic=False)
+        compiled = 0
         for level in self.levels:
             for layer in level.layers:
+                compiled += not isinstance(layer, Squeeze)
                 if isinstance(layer, FlowStep) and layer.learned_mixing:
                     # The (C, C) fold stays eager and the compiled graph takes the folded kernel as
                     # an input, on every path that runs the step (a level's batched fold, a level of
@@ -624,6 +646,7 @@ class MultiscaleFlow(ImageFlow):
                     # The squeeze is a reshape and a copy, nothing to fuse; the rest are flow steps
                     # without a learned 1x1 convolution (RealNVP, NICE), compiled whole.
                     layer.compile(dynamic=False)
+        share_recompile_limit(compiled)
 
     def evaluate(self, x: Tensor, y: Tensor | None = None) -> MultiscaleOutput:
         """One pass giving latents, log-determinant, ``log_prob`` and (if conditional) class logits."""

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from glowlab.flows import standard_normal_log_prob
 from glowlab.flows.transformer import AutoregressiveBlock, patchify, unpatchify
-from glowlab.models.multiscale import ImageFlow, MultiscaleConfig, MultiscaleOutput
+from glowlab.models.multiscale import ImageFlow, MultiscaleConfig, MultiscaleOutput, share_recompile_limit
 
 
 class TransformerFlow(ImageFlow):
@@ -66,12 +66,14 @@ class TransformerFlow(ImageFlow):
 
         The blocks share their code, so the graphs compiled for one serve the others (one per patch
         order). Sampling calls the transformers directly and stays eager. ``state_dict`` keys are unchanged.
+        Raises dynamo's recompile limit to what the blocks would have if compiled one by one.
 
         References: PyTorch, "Reducing torch.compile cold start compilation time with regional
         compilation", 2024.
         """
         for block in self.blocks:
             block.compile(dynamic=False)
+        share_recompile_limit(len(self.blocks))
 
     def _check_images(self, x: Tensor) -> None:
         if tuple(x.shape[1:]) != self.image_shape:
