@@ -155,6 +155,18 @@ def test_gpu_check_reports_a_check_that_raises_and_runs_the_next(capsys) -> None
     assert "PASS next: ran" in printed and gpu_check.failures[already:] == ["capture (x)"]
 
 
+def test_loader_throughput_prints_every_figure() -> None:
+    cmd = [sys.executable, str(BENCHMARKS / "loader_throughput.py"), "--images", "600", "--workers", "0"]
+    cmd += ["--batch-size", "16", "--loader-batches", "3", "--model-batch-size", "1", "--model-steps", "1"]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    figures = {line[:18].strip(): float(line[18:].split()[0].rstrip("x")) for line in out.splitlines() if line.strip()}
+    assert set(figures) == {
+        "prepare", "loader", "loader, unchecked", "loader, later pass", "sha256 of shards", "training (CIFAR)",
+        "loader / training",
+    }  # fmt: skip
+    assert all(value > 0 for value in figures.values())
+
+
 def test_transformer_sampling_times_both_paths_and_they_agree(tmp_path) -> None:
     import transformer_sampling
 

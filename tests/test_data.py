@@ -315,6 +315,111 @@ def test_training_epochs_continue_the_stream_and_reshuffle(tmp_path) -> None:
     assert len(set(with_workers[0] + with_workers[1])) == len(with_workers[0] + with_workers[1])
 
 
+def _train_stream(root: Path, cache_mib: float, **kwargs) -> ShardStream:
+    manifest = read_manifest(str(root))
+    urls, counts = shard_urls(str(root), manifest, "train"), shard_counts(manifest, "train")
+    options = dict(shuffle_buffer=8, batches_per_epoch=5, augment=Augment(hflip=True, max_shift=1), seed=3)
+    return ShardStream(urls, counts, manifest, 4, train=True, cache_mib=cache_mib, **{**options, **kwargs})
+
+
+def _epochs(stream: ShardStream, epochs: int) -> list[torch.Tensor]:
+    return [torch.cat([torch.cat([b[0].flatten(), b[1], b[2]]) for b in stream]) for _ in range(epochs)]
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [
+        dict(),  # whole shards
+        dict(rank=1, world_size=13),  # more slots than the 12 shards: samples split by index
+        dict(skip_epochs=2),  # a resumed run passes over two epochs without decoding them
+    ],
+    ids=["shards", "by-index", "resumed"],
+)
+def test_cached_stream_yields_the_batches_of_an_uncached_one_reading_each_shard_once(
+    tmp_path, monkeypatch, layout: dict
+) -> None:
+    root = prepared(tmp_path, n=100, shard_size=5)  # 12 training shards, 60 images: an epoch is a third
+    import glowlab.data.shards as shards
+
+    opened: list[str] = []
+
+    def counting_iter_tar(url: str, *args, **kwargs):
+        opened.append(url)
+        return iter_tar(url, *args, **kwargs)
+
+    monkeypatch.setattr(shards, "iter_tar", counting_iter_tar)
+    streams = {}
+    for cache in (0, 64):
+        stream = _train_stream(root, cache, **{k: v for k, v in layout.items() if k != "skip_epochs"})
+        stream.skip_epochs = layout.get("skip_epochs", 0)
+        opened.clear()
+        streams[cache] = (_epochs(stream, 9), len(opened))
+    (uncached, opened_uncached), (cached, opened_cached) = streams[0], streams[64]
+    assert all(torch.equal(a, b) for a, b in zip(uncached, cached, strict=True))
+    assert opened_cached == 12  # each shard once ...
+    assert opened_uncached > 3 * 12  # ... where the uncached stream reads them on every pass
+
+
+def test_stream_cache_keeps_to_its_budget(tmp_path, monkeypatch) -> None:
+    root = prepared(tmp_path, n=100, shard_size=5)
+    import glowlab.data.shards as shards
+
+    opened: list[str] = []
+    monkeypatch.setattr(shards, "iter_tar", lambda url, *a, **k: opened.append(url) or iter_tar(url, *a, **k))
+    stream = _train_stream(root, 0)
+    per_shard = sum(stream._footprint(raw) for raw in iter_tar(stream.urls[0]))
+    stream = _train_stream(root, 2.5 * per_shard / 2**20)  # room for two shards, not three
+    _epochs(stream, 6)  # two passes over the 60 images (and the start of a third: the shuffle buffer reads ahead)
+    assert len(stream._cache) == 2
+    assert stream._cache_left >= 0
+    cached = {stream.urls[s] for s in stream._cache}
+    assert all(opened.count(url) == 1 for url in cached)
+    assert all(opened.count(url) >= 2 for url in set(stream.urls) - cached)
+
+
+def test_cached_stream_reports_bad_samples_on_every_pass_as_an_uncached_one(tmp_path) -> None:
+    root = prepared(tmp_path, n=40, shard_size=4, num_classes=3)  # val: keys 0-3 and 4-7 in two shards
+    _rewrite_member(root / "val-000000.tar", "00000001.png", b"\x89PNG not really")
+    _rewrite_member(root / "val-000000.tar", "00000003.cls", b"7")
+    damaged = root / "val-000001.tar"
+    damaged.write_bytes(damaged.read_bytes()[:3000])  # cut inside its samples: a prefix, then an error
+    for name in ("val-000000.tar", damaged.name):
+        _fix_size(root, name)
+    manifest = read_manifest(str(root))
+    urls, counts = shard_urls(str(root), manifest, "val"), shard_counts(manifest, "val")
+    results = []
+    for cache in (0, 64):
+        skipped = torch.multiprocessing.Value("q", 0)
+        stream = ShardStream(
+            urls, counts, manifest, 3, train=False, bad_samples="skip", skipped=skipped, verify=False, cache_mib=cache
+        )
+        with pytest.warns(UserWarning) as warned:
+            passes = [torch.cat([b[2] for b in stream]).tolist() for _ in range(3)]
+        results.append((passes, skipped.value, len(warned)))
+    assert results[0] == results[1]
+    passes, skipped, warnings = results[1]
+    assert passes[0] == passes[1] == passes[2] and passes[0][:2] == [0, 2] and len(passes[0]) < 6
+    assert skipped == warnings == 9  # 2 bad samples and a damaged shard, on each of 3 passes
+    # Under the default policy a bad sample stops the run on any pass, from the cache too.
+    stream = ShardStream(urls[:1], counts[:1], manifest, 3, train=False, verify=False, cache_mib=64)
+    stream._cache[0] = list(iter_tar(urls[0]))
+    with pytest.raises(DataError, match=r"key 00000001: undecodable image"):
+        list(stream)
+
+
+def test_augment_shift_is_the_shifted_window_of_the_edge_padded_image() -> None:
+    import itertools
+
+    image = np.random.default_rng(0).integers(0, 256, (3, 5, 7), dtype=np.uint8)
+    s = 3
+    padded = np.pad(image, ((0, 0), (s, s), (s, s)), mode="edge")  # (C, H + 2s, W + 2s)
+    for flip, dy, dx in itertools.product((False, True), range(-s, s + 1), range(-s, s + 1)):
+        source = padded[:, :, ::-1] if flip else padded
+        expected = source[:, s + dy : s + dy + 5, s + dx : s + dx + 7]
+        out = Augment(hflip=True, max_shift=s).apply(image, (flip, dy, dx))
+        assert np.array_equal(out, expected) and out.flags.c_contiguous, (flip, dy, dx)
+
+
 def test_augment_flips_and_shifts() -> None:
     import random
 

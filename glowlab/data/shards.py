@@ -283,6 +283,26 @@ def decode(
     return np.ascontiguousarray(image.transpose(2, 0, 1)), label, index  # (H, W, C) -> (C, H, W)
 
 
+def _shift_repeating_border(image: np.ndarray, d: int, axis: int) -> np.ndarray:
+    """``out[i] = image[clip(i + d, 0, n - 1)]`` along ``axis``: the window at offset ``d`` of the
+    image padded by repeating its border, written with two slice copies (``|d| < n``)."""
+    if d == 0:
+        return image
+    n = image.shape[axis]
+    out = np.empty(image.shape, image.dtype)
+
+    def at(index: slice) -> tuple[slice, ...]:
+        return (slice(None),) * axis + (index,)
+
+    if d > 0:
+        out[at(slice(0, n - d))] = image[at(slice(d, n))]
+        out[at(slice(n - d, n))] = image[at(slice(n - 1, n))]  # the last row or column, repeated
+    else:
+        out[at(slice(-d, n))] = image[at(slice(0, n + d))]
+        out[at(slice(0, -d))] = image[at(slice(0, 1))]  # the first row or column, repeated
+    return out
+
+
 @dataclass(frozen=True)
 class Augment:
     """Training-time augmentation on uint8 images: horizontal flips and the Glow paper's random shifts.
@@ -308,10 +328,7 @@ class Augment:
         if flip:
             image = image[:, :, ::-1]
         if self.max_shift:
-            s = self.max_shift
-            padded = np.pad(image, ((0, 0), (s, s), (s, s)), mode="edge")  # (C, H + 2s, W + 2s)
-            h, w = image.shape[1:]
-            image = padded[:, s + dy : s + dy + h, s + dx : s + dx + w]
+            image = _shift_repeating_border(_shift_repeating_border(image, dy, axis=1), dx, axis=2)
         return np.ascontiguousarray(image)
 
     def __call__(self, image: np.ndarray, rng: random.Random) -> np.ndarray:
@@ -326,6 +343,9 @@ class ShardStream(IterableDataset):
     ``train=False``: one ordered pass, each sample exactly once over all ranks and workers. Bad
     samples raise :class:`DataError` (``bad_samples="error"``) or are skipped, warned about and
     counted in ``skipped`` (``"skip"``). ``n_bits`` keeps the top bits of 256-level data.
+    ``cache_mib`` keeps up to that many MiB of this process's shards in memory, their samples'
+    bytes and, once decoded, their images: later passes then read no tar and decode no image.
+    What a pass yields, skips and reports is the same with and without the cache.
 
     References: Aizman et al., "High Performance I/O For Large Scale Deep Learning" (WebDataset), 2019.
     """
@@ -348,10 +368,13 @@ class ShardStream(IterableDataset):
         bad_samples: str = "error",
         skipped: multiprocessing.sharedctypes.Synchronized | None = None,
         verify: bool = True,
+        cache_mib: float = 0,
     ) -> None:
         super().__init__()
         if bad_samples not in BAD_SAMPLE_POLICIES:
             raise ValueError(f"bad_samples={bad_samples!r}: choose one of {', '.join(BAD_SAMPLE_POLICIES)}")
+        if cache_mib < 0:
+            raise ValueError(f"cache_mib={cache_mib} must be >= 0 (0: no cache)")
         self.urls, self.counts = list(urls), list(counts)
         self.payload = manifest["payload"]
         self.image_shape = tuple(manifest["image_shape"])
@@ -369,6 +392,10 @@ class ShardStream(IterableDataset):
         self.batches_per_epoch = batches_per_epoch
         self.skip_epochs = 0  # whole epochs each worker passes over when a run resumes
         self._stream: Iterator | None = None
+        # This process's fully read shards (by index): their samples (of this slot) in order.
+        self._cache: dict[int, list[dict]] = {}
+        self._cache_left = int(cache_mib * 2**20)
+        self._decoded_bytes = math.prod(self.image_shape)
 
     # Which shards and samples a slot reads in a pass.
     def _assignment(self, slot: int, shard_order: list[int]) -> tuple[list[int], int | None]:
@@ -385,19 +412,47 @@ class ShardStream(IterableDataset):
         """Undecoded samples of this slot's share of one pass over ``shard_order``."""
         shards, sample_slot = self._assignment(slot, shard_order)
         for s in shards:
+            if s in self._cache:
+                yield from self._cache[s]
+                continue
+            kept: list[dict] | None = [] if self._cache_left > 0 else None
+            size = 0
             try:
                 for raw in iter_tar(self.urls[s], self.counts[s], self.sha256[s]):
                     if sample_slot is None or int(raw["__key__"]) % self.slots == sample_slot:
+                        if kept is not None:
+                            size += self._footprint(raw)
+                            kept = kept if size <= self._cache_left else None
+                            if kept is not None:
+                                kept.append(raw)
                         yield raw
             except DataError as exn:
                 self._bad(exn)
+                continue  # a damaged shard is read (and reported) again on every pass, as without a cache
+            if kept is not None:
+                self._cache[s] = kept
+                self._cache_left -= size
+
+    def _footprint(self, raw: dict) -> int:
+        """Bytes a cached sample holds: its payloads, its decoded image and (roughly) the Python objects."""
+        payloads = sum(len(value) for key, value in raw.items() if not key.startswith("__"))
+        return payloads + self._decoded_bytes + 512
 
     def _decoded(self, raw: dict) -> tuple[np.ndarray, int, int] | None:
-        try:
-            return decode(raw, self.payload, self.image_shape, self.num_classes, self.n_bins)
-        except DataError as exn:
-            self._bad(exn)
+        """The decoded sample, or None after reporting a bad one. The outcome is kept in ``raw``, so
+        a cached sample is decoded once; a bad one is reported on every pass, as without a cache."""
+        outcome = raw.get("__decoded__")
+        if outcome is None:
+            try:
+                outcome = decode(raw, self.payload, self.image_shape, self.num_classes, self.n_bins)
+                outcome[0].flags.writeable = False  # shared by every pass that yields the sample
+            except DataError as exn:
+                outcome = exn
+            raw["__decoded__"] = outcome
+        if isinstance(outcome, DataError):
+            self._bad(outcome)
             return None
+        return outcome
 
     def _samples(self, slot: int, shard_order: list[int]) -> Iterator[tuple[np.ndarray, int, int]]:
         for raw in self._raw(slot, shard_order):

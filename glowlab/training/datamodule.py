@@ -77,6 +77,9 @@ class ShardDataModule(L.LightningDataModule):
     test loop reads (``"test"``; evaluation jobs may point it at ``"val"`` or ``"train"``).
     ``verify_shards`` checks each shard's sha256 against the manifest the first time a process
     reads it (:func:`glowlab.data.shards.verify_shard`), so a changed shard is refused.
+    ``cache_mib`` is the memory each loader process (the main one or a worker) may keep its shards
+    in, read and decoded, per split: a data set that fits is read from disk and decoded once per
+    process instead of on every pass (0: no cache). Batches are the same either way.
 
     References: Kingma & Dhariwal, "Glow: Generative Flow with Invertible 1x1 Convolutions", 2018.
     """
@@ -97,6 +100,7 @@ class ShardDataModule(L.LightningDataModule):
         eval_noise_seed: int = 0,
         test_split: str = "test",
         verify_shards: bool = True,
+        cache_mib: float = 1024,
     ) -> None:
         super().__init__()
         if bad_samples not in BAD_SAMPLE_POLICIES:
@@ -107,6 +111,8 @@ class ShardDataModule(L.LightningDataModule):
             raise ValueError(f"data.shuffle_buffer={shuffle_buffer} must be >= 1 (1: no shuffling)")
         if num_workers < 0:
             raise ValueError(f"data.num_workers={num_workers} must be >= 0")
+        if cache_mib < 0:
+            raise ValueError(f"data.cache_mib={cache_mib} must be >= 0 (0: read and decode the shards on every pass)")
         if epoch_size is not None and epoch_size < 1:
             raise ValueError(f"data.epoch_size={epoch_size} must be >= 1")
         # Reading the manifest here (a small file, no download) lets the model take its shape from it.
@@ -126,7 +132,7 @@ class ShardDataModule(L.LightningDataModule):
         self.num_workers, self.shuffle_buffer = num_workers, shuffle_buffer
         self.augment = Augment(hflip, max_shift) if hflip or max_shift else None
         self.bad_samples, self.epoch_size = bad_samples, epoch_size
-        self.verify_shards = verify_shards
+        self.verify_shards, self.cache_mib = verify_shards, cache_mib
         self.seed, self.eval_noise_seed = seed, eval_noise_seed
         if test_split not in self.manifest["splits"]:
             raise ValueError(f"data.test_split={test_split!r}: {root} has splits {', '.join(self.manifest['splits'])}")
@@ -201,6 +207,7 @@ class ShardDataModule(L.LightningDataModule):
             bad_samples=self.bad_samples,
             skipped=self._skipped,
             verify=self.verify_shards,
+            cache_mib=self.cache_mib,
         )
 
     def _loader(self, split: str, train: bool) -> DataLoader:
