@@ -377,6 +377,15 @@ def test_stream_cache_keeps_to_its_budget(tmp_path, monkeypatch) -> None:
     assert all(opened.count(url) >= 2 for url in set(stream.urls) - cached)
 
 
+@pytest.mark.parametrize("cache_mib", [-1, float("nan"), float("inf")])
+def test_cache_budget_must_be_a_finite_size(tmp_path, cache_mib: float) -> None:
+    root = prepared(tmp_path, n=20, shard_size=50)
+    with pytest.raises(ValueError, match=r"data.cache_mib=.* must be a finite number >= 0"):
+        ShardDataModule(root=str(root), cache_mib=cache_mib)
+    with pytest.raises(ValueError, match=r"cache_mib=.* must be a finite number >= 0"):
+        _train_stream(root, cache_mib)
+
+
 def test_cached_stream_reports_bad_samples_on_every_pass_as_an_uncached_one(tmp_path) -> None:
     root = prepared(tmp_path, n=40, shard_size=4, num_classes=3)  # val: keys 0-3 and 4-7 in two shards
     _rewrite_member(root / "val-000000.tar", "00000001.png", b"\x89PNG not really")

@@ -373,8 +373,8 @@ class ShardStream(IterableDataset):
         super().__init__()
         if bad_samples not in BAD_SAMPLE_POLICIES:
             raise ValueError(f"bad_samples={bad_samples!r}: choose one of {', '.join(BAD_SAMPLE_POLICIES)}")
-        if cache_mib < 0:
-            raise ValueError(f"cache_mib={cache_mib} must be >= 0 (0: no cache)")
+        if not (math.isfinite(cache_mib) and cache_mib >= 0):
+            raise ValueError(f"cache_mib={cache_mib} must be a finite number >= 0 (0: no cache)")
         self.urls, self.counts = list(urls), list(counts)
         self.payload = manifest["payload"]
         self.image_shape = tuple(manifest["image_shape"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import multiprocessing
 from typing import Any, Literal
 
@@ -111,8 +112,10 @@ class ShardDataModule(L.LightningDataModule):
             raise ValueError(f"data.shuffle_buffer={shuffle_buffer} must be >= 1 (1: no shuffling)")
         if num_workers < 0:
             raise ValueError(f"data.num_workers={num_workers} must be >= 0")
-        if cache_mib < 0:
-            raise ValueError(f"data.cache_mib={cache_mib} must be >= 0 (0: read and decode the shards on every pass)")
+        if not (math.isfinite(cache_mib) and cache_mib >= 0):
+            raise ValueError(
+                f"data.cache_mib={cache_mib} must be a finite number >= 0 (0: read and decode the shards on every pass)"
+            )
         if epoch_size is not None and epoch_size < 1:
             raise ValueError(f"data.epoch_size={epoch_size} must be >= 1")
         # Reading the manifest here (a small file, no download) lets the model take its shape from it.
