@@ -332,6 +332,7 @@ def test_one_pass_clipping_clips_as_lightning_does(algorithm: str) -> None:
             accelerator="cpu",
             precision="64-true",
             max_steps=4,
+            log_every_n_steps=1,  # per-step values are logged on the steps the loggers write
             gradient_clip_val=0.05,
             gradient_clip_algorithm=algorithm,
             logger=False,

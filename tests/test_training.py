@@ -204,6 +204,7 @@ def test_class_conditional_training_step_logs_class_loss(digits_root: Path) -> N
         max_epochs=1,
         limit_train_batches=4,
         limit_val_batches=1,
+        log_every_n_steps=2,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -290,6 +291,33 @@ def compiled_graphs_per_pass(architecture: str) -> list[int]:
         graphs_after(lambda: model.log_prob(x))
         graphs_after(lambda: model.log_prob(x[:5]))  # a ragged last batch
     return graphs
+
+
+def test_per_step_values_are_logged_on_the_steps_the_loggers_write(digits_root: Path, tmp_path: Path) -> None:
+    """``train_loss``, ``grad_norm`` and ``nonfinite_steps`` cost Lightning host time per ``self.log``;
+    they are logged on the steps whose metrics Lightning writes, and the written rows are complete."""
+    module = glow_module(image_shape=(1, 8, 8), n_bins=17, levels=2, steps=1, hidden_channels=8)
+    calls: list[tuple[int, str]] = []
+    log = module.log
+    module.log = lambda name, *args, **kwargs: calls.append((module.global_step, name)) or log(name, *args, **kwargs)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=7,
+        log_every_n_steps=3,
+        limit_val_batches=0,
+        logger=L.pytorch.loggers.CSVLogger(tmp_path),
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(module, datamodule=ShardDataModule(root=str(digits_root), batch_size=32))
+    for name in ("train_loss", "grad_norm", "nonfinite_steps"):
+        assert [step for step, logged in calls if logged == name] == [2, 5], name
+    assert [step for step, logged in calls if logged == "train_bpd"] == list(range(7))  # epoch mean, progress bar
+    with open(next(tmp_path.rglob("metrics.csv"))) as f:
+        rows = [row for row in csv.DictReader(f) if row["grad_norm"]]
+    assert [int(row["step"]) for row in rows] == [2, 5]
+    assert all(row["train_loss"] and row["nonfinite_steps"] and row["train_bpd_step"] for row in rows)
 
 
 def test_compiled_training_run_writes_a_plain_checkpoint(digits_root: Path, tmp_path: Path) -> None:
