@@ -322,6 +322,20 @@ def _train_stream(root: Path, cache_mib: float, **kwargs) -> ShardStream:
     return ShardStream(urls, counts, manifest, 4, train=True, cache_mib=cache_mib, **{**options, **kwargs})
 
 
+def _count_opened_shards(monkeypatch) -> list[str]:
+    """The URLs the shard streams open from now on, one entry per opening."""
+    import glowlab.data.shards as shards
+
+    opened: list[str] = []
+
+    def counting_iter_tar(url: str, *args, **kwargs):
+        opened.append(url)
+        return iter_tar(url, *args, **kwargs)
+
+    monkeypatch.setattr(shards, "iter_tar", counting_iter_tar)
+    return opened
+
+
 def _epochs(stream: ShardStream, epochs: int) -> list[torch.Tensor]:
     return [torch.cat([torch.cat([b[0].flatten(), b[1], b[2]]) for b in stream]) for _ in range(epochs)]
 
@@ -339,15 +353,7 @@ def test_cached_stream_yields_the_batches_of_an_uncached_one_reading_each_shard_
     tmp_path, monkeypatch, layout: dict
 ) -> None:
     root = prepared(tmp_path, n=100, shard_size=5)  # 12 training shards, 60 images: an epoch is a third
-    import glowlab.data.shards as shards
-
-    opened: list[str] = []
-
-    def counting_iter_tar(url: str, *args, **kwargs):
-        opened.append(url)
-        return iter_tar(url, *args, **kwargs)
-
-    monkeypatch.setattr(shards, "iter_tar", counting_iter_tar)
+    opened = _count_opened_shards(monkeypatch)
     streams = {}
     for cache in (0, 64):
         stream = _train_stream(root, cache, **{k: v for k, v in layout.items() if k != "skip_epochs"})
@@ -362,10 +368,7 @@ def test_cached_stream_yields_the_batches_of_an_uncached_one_reading_each_shard_
 
 def test_stream_cache_keeps_to_its_budget(tmp_path, monkeypatch) -> None:
     root = prepared(tmp_path, n=100, shard_size=5)
-    import glowlab.data.shards as shards
-
-    opened: list[str] = []
-    monkeypatch.setattr(shards, "iter_tar", lambda url, *a, **k: opened.append(url) or iter_tar(url, *a, **k))
+    opened = _count_opened_shards(monkeypatch)
     stream = _train_stream(root, 0)
     per_shard = sum(stream._footprint(raw) for raw in iter_tar(stream.urls[0]))
     stream = _train_stream(root, 2.5 * per_shard / 2**20)  # room for two shards, not three

@@ -422,8 +422,9 @@ class ShardStream(IterableDataset):
                     if sample_slot is None or int(raw["__key__"]) % self.slots == sample_slot:
                         if kept is not None:
                             size += self._footprint(raw)
-                            kept = kept if size <= self._cache_left else None
-                            if kept is not None:
+                            if size > self._cache_left:
+                                kept = None  # the shard does not fit: read it again next pass
+                            else:
                                 kept.append(raw)
                         yield raw
             except DataError as exn:
