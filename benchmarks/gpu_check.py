@@ -19,7 +19,11 @@ capture). Here they run for real:
    slowest to compile.
 
 6. a failed capture: one that reads a value on the host raises, and eager steps go on after it on
-   the stream they ran on (what ``GlowModule`` relies on to fall back to eager training).
+   the stream they ran on (what ``GlowModule`` relies on to fall back to eager training);
+7. Adamax's skip on the device: training steps with gradient clipping and glowlab's Adamax, the
+   skip decided from the gradient norm as the non-finite guard decides it, run under sync debug
+   mode "error"; a step on a poisoned batch leaves every parameter and moment bit for bit; the
+   steps taken match ``torch.optim.Adamax``'s.
 
 A check that raises (a capture fails on an operator it cannot record) is reported as failed with
 the error's first line, and the other checks still run.
@@ -35,6 +39,7 @@ instead of the sync debug mode: a check of the script itself before GPU time is 
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 import time
 from collections.abc import Callable
@@ -258,6 +263,63 @@ def check_failed_capture() -> None:
     )
 
 
+def check_adamax_skip() -> None:
+    torch.manual_seed(0)
+    glow = module(module_options=dict(optimizer="adamax", lr=1e-3, warmup_steps=0))
+    reference = copy.deepcopy(glow)
+    optimizer = optimizer_with_warmup(glow, glow.hparams)["optimizer"]
+    optimizer.decide_on_device = True  # on a GPU the default; set for --emulate on the CPU
+    theirs = torch.optim.Adamax(reference.parameters(), lr=1e-3, foreach=True)
+    glow.log = reference.log = lambda *args, **kwargs: None  # no Trainer; configure_clipping logs
+    x, y = batch(16, None)
+    poisoned = x.clone()
+    poisoned[0] = float("nan")
+
+    def step(model: GlowModule, opt: torch.optim.Optimizer, images: torch.Tensor) -> None:
+        opt.zero_grad(set_to_none=True)
+        loss, _ = model.losses(images, y)
+        loss.backward()
+        norm = configure_clipping(model, 50.0, "norm")
+        opt.found_inf = (~(torch.isfinite(norm) & torch.isfinite(loss))).to(torch.float32)
+        opt.step()
+
+    step(glow, optimizer, x)  # ActNorm's initialisation reads statistics once, before
+    step(reference, theirs, x)
+    if DEVICE == "cpu":
+        with OperatorCounter(cpu_is_device=True) as counter:
+            step(glow, optimizer, x)
+        sync_free = counter.synchronisations == 0
+    else:
+        torch.cuda.synchronize()
+        try:
+            torch.cuda.set_sync_debug_mode("error")
+            step(glow, optimizer, x)
+            sync_free = True
+        except RuntimeError as error:
+            sync_free = False
+            print(f"  host synchronisation: {first_line(error)}", flush=True)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    step(reference, theirs, x)
+    before = [t.clone() for t in (*glow.parameters(), *(v for s in optimizer.state.values() for v in s.values()))]
+    step(glow, optimizer, poisoned)
+    after = [*glow.parameters(), *(v for s in optimizer.state.values() for v in s.values())]
+    unchanged = all(
+        torch.equal(a.view(-1).view(torch.uint8), b.view(-1).view(torch.uint8))
+        for a, b in zip(before, after, strict=True)
+    )
+    for _ in range(3):
+        step(glow, optimizer, x)
+        step(reference, theirs, x)
+    worst = max(max_relative(a, b) for a, b in zip(glow.parameters(), reference.parameters(), strict=True))
+    report(
+        "Adamax skip on the device",
+        sync_free and unchanged and worst < 1e-4,
+        f"steps without a host synchronisation {sync_free}; the poisoned step left parameters and moments "
+        f"bit for bit {unchanged}; after 5 steps taken, parameters against torch's Adamax: {worst:.1e} max relative",
+    )
+
+
 def attempt(label: str, check: Callable[..., None], *args, **kwargs) -> None:
     """Run one check; an exception (a capture that fails raises) is its failure, and the rest still run."""
     try:
@@ -290,7 +352,9 @@ def main() -> None:
     }.items():
         attempt(f"capture ({name})", check_capture, name, **options)
     attempt("compile_steps", check_compile)
-    torch.backends.cudnn.deterministic = True  # the training runs compare parameters after 30 steps
+    # The training runs compare parameters after 30 steps, the Adamax check two models' after 5.
+    torch.backends.cudnn.deterministic = True
+    attempt("Adamax skip on the device", check_adamax_skip)
     eager = train()
     attempt("Lightning training with cuda_graphs", check_training, eager, "cuda_graphs", cuda_graphs=True)
     attempt("capture (compiled steps)", check_capture, "compiled steps", compile=True)

@@ -31,6 +31,7 @@ from glowlab.data import PrepareOptions, load_source, prepare
 from glowlab.data.prepare import sha256_of
 from glowlab.likelihood import bits_per_dim
 from glowlab.models import Glow
+from glowlab.optim import Adamax
 from glowlab.training import ShardDataModule
 
 
@@ -77,7 +78,7 @@ def model_throughput(device: str, batch_size: int, steps: int) -> float:
     torch.manual_seed(0)
     model = Glow(image_shape=(3, 32, 32), levels=3, steps=32, hidden_channels=512, coupling="affine", permutation="lu")
     model.to(device).train()
-    optimizer = torch.optim.Adamax(model.parameters(), lr=1e-4)
+    optimizer = Adamax(model.parameters(), lr=1e-4)  # the training default
     x = torch.rand(batch_size, 3, 32, 32, device=device) - 0.5
 
     def step() -> None:

@@ -165,6 +165,50 @@ def test_training_step_dispatches_fewer_operators_than_normflows() -> None:
     assert ours["syncs"] == 0 and theirs["syncs"] > 0, counts
 
 
+class CountSynchronisations(L.Callback):
+    """Host synchronisations of each whole training step (forward, backward, clipping, guard, update)."""
+
+    def __init__(self) -> None:
+        self.per_step: dict[int, int] = {}
+
+    def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        # Adamax reads its skip flag on the host where that is free, on the CPU; count the update
+        # a GPU runs.
+        for optimizer in trainer.optimizers:
+            optimizer.decide_on_device = True
+
+    def on_train_batch_start(self, trainer: L.Trainer, module: L.LightningModule, batch, batch_idx: int) -> None:
+        self.counter = OperatorCounter(cpu_is_device=True).__enter__()
+
+    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
+        self.counter.__exit__(None, None, None)
+        self.per_step[module.global_step - 1] = self.counter.synchronisations
+
+
+@pytest.mark.parametrize("name", ["adam", "adamax"])
+def test_a_guarded_optimizer_step_reads_the_device_only_on_logging_steps(name: str) -> None:
+    # Clipping, the non-finite guard and the update decide on the device; the guard reads its
+    # count of skipped steps in a row (one value) on the steps Lightning logs (0, 3, 6).
+    torch.manual_seed(0)
+    module = glow_module(n_bins=17, optimizer=name, **TINY)
+    images = torch.rand(64, *TINY["image_shape"]) - 0.5
+    images[40:48] = float("nan")  # step 5 is skipped
+    count = CountSynchronisations()
+    trainer = L.Trainer(
+        max_steps=7,
+        log_every_n_steps=3,
+        gradient_clip_val=1.0,
+        callbacks=[count],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+    )
+    trainer.fit(module, DataLoader(TensorDataset(images), batch_size=8))
+    assert count.per_step == {0: 1, 1: 0, 2: 0, 3: 1, 4: 0, 5: 0, 6: 1}
+    assert int(module.nonfinite.total) == 1
+    assert all(bool(torch.isfinite(p).all()) for p in module.parameters())
+
+
 @pytest.mark.parametrize("name", ["adam", "adamax"])
 def test_fused_and_multi_tensor_optimizers_make_the_plain_update(name: str) -> None:
     torch.manual_seed(0)

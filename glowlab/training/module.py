@@ -17,9 +17,10 @@ from glowlab.console import glowlab_logger
 from glowlab.flows.base import check_option
 from glowlab.likelihood import bits_per_dim, variational_bits_per_dim
 from glowlab.models import MultiscaleConfig, image_flow
+from glowlab.optim import Adamax
 from glowlab.training.capture import CapturedStep, first_line
 
-OPTIMIZERS = {"adam": torch.optim.Adam, "adamax": torch.optim.Adamax}
+OPTIMIZERS = {"adam": torch.optim.Adam, "adamax": Adamax}
 # Their names as a type, so that `glowlab fit --help` lists them and the parser refuses others
 # (tests/test_help.py checks it names exactly the entries of OPTIMIZERS).
 OptimizerName = Literal["adam", "adamax"]
@@ -29,14 +30,15 @@ def optimizer_with_warmup(module: nn.Module, hp: Any, loss_scaling: bool = False
     """``hp.optimizer`` over the module's parameters, the learning rate rising linearly over ``hp.warmup_steps``.
 
     The update runs as few operators as the optimizer allows: Adam's fused kernel (one operator for
-    all parameters), Adamax's multi-tensor ("foreach") form, rather than a loop over the hundreds of
-    parameter tensors of a Glow. The results are the same update. With ``loss_scaling`` (16-bit
-    mixed precision's gradient scaler) Adam runs multi-tensor too: a fused Adam would unscale the
-    gradients itself, after gradient clipping had seen them scaled.
+    all parameters), Adamax multi-tensor (:class:`glowlab.optim.Adamax`), rather than a loop over the
+    hundreds of parameter tensors of a Glow. The results are the same update, and both skip a
+    non-finite step on the device (:class:`NonFiniteGuard`). With ``loss_scaling`` (16-bit mixed
+    precision's gradient scaler) Adam runs multi-tensor: a fused Adam would unscale the gradients
+    itself, after gradient clipping had seen them scaled.
     """
     params = [p for p in module.parameters() if p.requires_grad]  # not a weight average's copy
     fused = hp.optimizer == "adam" and not loss_scaling and _fused_adam_supported(params)
-    options = {"fused": True} if fused else {"foreach": True}
+    options = {} if hp.optimizer == "adamax" else {"fused": True} if fused else {"foreach": True}
     optimizer = OPTIMIZERS[hp.optimizer](params, lr=hp.lr, weight_decay=hp.weight_decay, **options)
     warmup = max(1, hp.warmup_steps)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
@@ -111,13 +113,14 @@ class NonFiniteTraining(RuntimeError):
 class NonFiniteGuard:
     """Skips every optimizer step whose loss or gradient norm is not finite; stops a run that keeps at it.
 
-    A skipped step changes no parameter and no optimizer state (the fused Adam kernel skips it on
-    the device through its ``found_inf`` input, with no host synchronisation; for other optimizers
-    the gradients are dropped, which makes ``step()`` pass over every parameter, after reading one
-    value on the host). Skipped steps are counted and logged as ``nonfinite_steps``; after
-    ``limit`` in a row the run stops with :class:`NonFiniteTraining`. With the fused update that
-    count is read when metrics are logged, so a run stops within ``log_every_n_steps`` steps of
-    reaching the limit, its parameters untouched by the skipped steps either way.
+    A skipped step changes no parameter and no optimizer state. glowlab's optimizers (fused Adam,
+    :class:`glowlab.optim.Adamax`) skip it on the device through their ``found_inf`` input, with no
+    host synchronisation; for any other optimizer the gradients are dropped, which makes ``step()``
+    pass over every parameter, after reading one value on the host. Skipped steps are counted and
+    logged as ``nonfinite_steps``; after ``limit`` in a row the run stops with
+    :class:`NonFiniteTraining`. When the skip is decided on the device that count is read when
+    metrics are logged, so a run stops within ``log_every_n_steps`` steps of reaching the limit,
+    its parameters untouched by the skipped steps either way.
     """
 
     def __init__(self, limit: int) -> None:
@@ -136,9 +139,8 @@ class NonFiniteGuard:
         self.run = (self.run + 1) * bad
         if logs_this_step(module):
             module.log("nonfinite_steps", self.total.float(), on_step=True, on_epoch=False)
-        fused = optimizer.defaults.get("fused") and isinstance(optimizer, torch.optim.Adam)
-        if fused:
-            optimizer.found_inf = bad.to(torch.float32)  # the fused kernel skips the step on the device
+        if skips_on_device(optimizer):
+            optimizer.found_inf = bad.to(torch.float32)  # the update skips the step on the device
             every = module.trainer.log_every_n_steps if module._trainer is not None else 1
             if module.global_step % max(1, every):
                 return
@@ -154,6 +156,12 @@ class NonFiniteGuard:
                 f"parameters are those before the first of them; no checkpoint holds a non-finite value. Is the "
                 f"learning rate too high (model.lr={lr:g} now), or the data broken (glowlab verify DATA)?"
             )
+
+
+def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer.step()`` honours a ``found_inf`` device tensor: fused Adam and glowlab's Adamax."""
+    fused_adam = isinstance(optimizer, torch.optim.Adam) and bool(optimizer.defaults.get("fused"))
+    return fused_adam or isinstance(optimizer, Adamax)
 
 
 class GuardedTraining:
