@@ -20,6 +20,7 @@ from glowlab.dispatch import OperatorCounter
 from glowlab.flows import ActNorm
 from glowlab.flows.base import FlowSequence, chain_forward
 from glowlab.models import FlowStep, Glow, MultiscaleConfig
+from glowlab.optim import Adamax
 from glowlab.training import GlowModule
 from glowlab.training.capture import CapturedStep
 from glowlab.training.module import optimizer_with_warmup
@@ -175,7 +176,8 @@ class CountSynchronisations(L.Callback):
         # Adamax reads its skip flag on the host where that is free, on the CPU; count the update
         # a GPU runs.
         for optimizer in trainer.optimizers:
-            optimizer.decide_on_device = True
+            if isinstance(optimizer, Adamax):
+                optimizer.decide_on_device = True
 
     def on_train_batch_start(self, trainer: L.Trainer, module: L.LightningModule, batch, batch_idx: int) -> None:
         self.counter = OperatorCounter(cpu_is_device=True).__enter__()
