@@ -21,7 +21,10 @@ utilisation (FLOPs of forward and backward counted with torch.utils.flop_counter
 device's dense peak for the precision); warm-up time (ActNorm initialisation, compilation,
 capture); operators dispatched per phase and host synchronisations (eager implementations);
 sampling images/s. Then each glowlab variant's speed against the fastest other implementation,
-and with ``--profile N`` the convolutions' share of each one's operator time over N profiled steps.
+with ``--profile N`` the convolutions' share of each one's operator time over N profiled steps,
+and with ``--conv-floor`` the time of each eager implementation's convolutions alone: the
+convolution operators of one of its steps (forward and backward), recorded and run again on fresh
+tensors of the same shapes, strides and dtypes, against its whole step.
 
     pip install -e ".[bench]"
     python benchmarks/glow_step.py                                   # CPU, reference config
@@ -190,8 +193,11 @@ def count_flops(impl: Implementation, x: Tensor, device: str, precision: str) ->
     return flops.get_total_flops()
 
 
-def convolution_share(impl: Implementation, device: str, steps: int) -> float:
-    """Fraction of ``steps`` training steps' operator self time (CPU, or CUDA kernels on a GPU) in convolutions."""
+def convolution_share(impl: Implementation, device: str, steps: int) -> tuple[float, list[tuple[str, float]]]:
+    """Where ``steps`` training steps' operator self time goes (CPU, or CUDA kernels on a GPU).
+
+    Returns the convolutions' fraction and the three other operators with the largest fractions.
+    """
     from torch.profiler import ProfilerActivity, profile
 
     on_cuda = torch.device(device).type == "cuda"
@@ -204,8 +210,56 @@ def convolution_share(impl: Implementation, device: str, steps: int) -> float:
     # Only aten operators: their self times partition the step without counting a call twice.
     events = [e for e in prof.key_averages() if e.key.startswith("aten::")]
     own = (lambda e: e.self_device_time_total) if on_cuda else (lambda e: e.self_cpu_time_total)
-    total = sum(own(e) for e in events)
-    return sum(own(e) for e in events if "convolution" in e.key) / total if total else 0.0
+    total = sum(own(e) for e in events) or 1.0
+    others = sorted((e for e in events if "convolution" not in e.key), key=own, reverse=True)[:3]
+    share = sum(own(e) for e in events if "convolution" in e.key) / total
+    return share, [(e.key, own(e) / total) for e in others]
+
+
+def record_convolutions(impl: Implementation, x: Tensor, device: str, precision: str) -> list:
+    """The convolution operators (forward and backward) one eager step of ``impl`` dispatches.
+
+    Each as ``(operator, args)`` with every tensor argument replaced by its (shape, stride, dtype),
+    so that :func:`convolutions_alone` can run the same kernels on fresh tensors.
+    """
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    aten = torch.ops.aten
+    wanted = (aten.convolution.default, aten.convolution_backward.default)
+    calls = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in wanted:
+                described = [(a.shape, a.stride(), a.dtype) if isinstance(a, Tensor) else a for a in args]
+                calls.append((func, described))
+            return func(*args, **(kwargs or {}))
+
+    impl.optimizer.zero_grad(set_to_none=True)
+    with Record():
+        with autocast(device, precision):
+            loss = impl.loss(x)
+        loss.backward()
+    impl.optimizer.zero_grad(set_to_none=True)
+    return calls
+
+
+def convolutions_alone(calls: list, device: str) -> Callable[[], None]:
+    """A function running ``calls`` (from :func:`record_convolutions`) on random tensors of their layouts."""
+
+    def fresh(arg):
+        if isinstance(arg, tuple) and len(arg) == 3 and isinstance(arg[2], torch.dtype):
+            shape, stride, dtype = arg
+            return torch.empty_strided(shape, stride, dtype=dtype, device=device).normal_()
+        return arg
+
+    ready = [(func, [fresh(a) for a in args]) for func, args in calls]
+
+    def run() -> None:
+        for func, args in ready:
+            func(*args)
+
+    return run
 
 
 def peak_tflops(device: str, precision: str, given: float | None) -> float | None:
@@ -265,6 +319,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-memory", action="store_true", help="skip the memory measurement")
     parser.add_argument(
         "--profile", type=int, default=0, metavar="N", help="profile N more steps each: the convolutions' share"
+    )
+    parser.add_argument(
+        "--conv-floor",
+        action="store_true",
+        help="also time each implementation's convolutions alone (the kernels of one step, replayed)",
     )
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--memory-worker", help=argparse.SUPPRESS)
@@ -328,6 +387,13 @@ def main(argv: list[str] | None = None) -> dict:
                 with torch.no_grad():
                     sample_t[k].append(timed(lambda k=k: impls[k].sample(batch), device))
     conv_share = {k: convolution_share(impls[k], device, args.profile) for k in names} if args.profile else {}
+    conv_alone: dict[str, tuple[float, int]] = {}
+    if args.conv_floor:
+        for k in (k for k in names if impls[k].eager and "graphs" not in k):
+            calls = record_convolutions(impls[k], x, device, precision)
+            run = convolutions_alone(calls, device)
+            run()  # warm-up: oneDNN and cuDNN choose and cache their kernels
+            conv_alone[k] = (1000 * statistics.median(timed(run, device) for _ in range(args.pairs)), len(calls))
     peak = peak_tflops(device, precision, args.peak_tflops)
     results = {}
     print(
@@ -347,7 +413,9 @@ def main(argv: list[str] | None = None) -> dict:
             "memory": memory.get(k),
             "operators": ops.get(k),
             "sample_img_s": batch / statistics.median(sample_t[k]) if k in sample_t else None,
-            "convolution_share": conv_share.get(k),
+            "convolution_share": conv_share[k][0] if k in conv_share else None,
+            "convolutions_alone_ms": conv_alone[k][0] if k in conv_alone else None,
+            "convolution_calls": conv_alone[k][1] if k in conv_alone else None,
         }
         results[k] = row
         mfu = "-" if row["mfu"] is None else f"{100 * row['mfu']:.2f}%"
@@ -374,8 +442,18 @@ def main(argv: list[str] | None = None) -> dict:
                     f"{k} / {best} (the fastest other): {statistics.median(ratios):.2f}x training img/s "
                     f"(median of {args.pairs} alternating rounds)"
                 )
-    for k, share in conv_share.items():
-        print(f"{k}: convolutions {100 * share:.0f}% of the operators' self time over {args.profile} profiled steps")
+    for k, (share, others) in conv_share.items():
+        rest = ", ".join(f"{name} {100 * fraction:.1f}%" for name, fraction in others)
+        print(
+            f"{k}: convolutions {100 * share:.0f}% of the operators' self time over {args.profile} profiled "
+            f"steps; next {rest}"
+        )
+    for k, (ms, n) in conv_alone.items():
+        step = results[k]["ms_step"]
+        print(
+            f"{k}: its {n} convolution operators alone (forward and backward, replayed on fresh tensors) "
+            f"{ms:.1f} ms of its {step:.1f} ms step; the rest {step - ms:.1f} ms"
+        )
     if peak is not None:
         print(f"MFU against {peak} TFLOP/s ({'bf16' if precision == 'bf16' else 'TF32'} dense peak)")
     if args.json:

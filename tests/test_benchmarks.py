@@ -99,12 +99,17 @@ def test_glow_step_runs_glowlab_and_adapters(tmp_path, monkeypatch) -> None:
         "2",
         "--profile",
         "1",
+        "--conv-floor",
     ]
     results = glow_step.main([*args, "--no-memory", "--peak-tflops", "1", "--json", str(out)])
     assert set(results) == {"glowlab", "glowlab:compile", "normflows_glow", "rosinality_glow"}
     for name, row in results.items():
         assert row["img_s"] > 0 and row["gflop_step"] > 0 and 0 < row["mfu"] < 1, name
         assert 0 < row["convolution_share"] < 1, name
+        if name != "glowlab:compile":  # the replayed convolutions of an eager step: forward and backward
+            assert 0 < row["convolutions_alone_ms"] < row["ms_step"], name
+            assert row["convolution_calls"] > 0 and row["convolution_calls"] % 2 == 0, name
+    assert results["glowlab:compile"]["convolutions_alone_ms"] is None
     assert results["rosinality_glow"]["params_m"] == pytest.approx(results["glowlab"]["params_m"])
     assert results["glowlab"]["operators"]["syncs"] == 0 and results["glowlab:compile"]["operators"] is None
     assert json.loads(out.read_text())["results"]["glowlab"]["ms_step"] > 0

@@ -124,17 +124,32 @@ def test_actnorm_flag_follows_its_buffer_through_load_state_dict() -> None:
     assert fresh.is_initialized and not torch.equal(fresh.logs, ActNorm(3).logs)
 
 
-@pytest.mark.parametrize("permutation", ["lu", "conv"])
-def test_folded_level_equals_its_layers_run_one_by_one(permutation: str) -> None:
-    model = Glow(image_shape=(2, 8, 8), levels=2, steps=3, hidden_channels=8, permutation=permutation).double()
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(permutation="lu"),
+        dict(permutation="conv"),
+        dict(permutation="lu", coupling="additive"),
+        dict(permutation="lu", coupling="checkerboard"),
+        dict(permutation="lu", num_classes=3),
+    ],
+    ids=["lu", "conv", "additive", "checkerboard", "conditional"],
+)
+def test_folded_level_equals_its_layers_run_one_by_one(options: dict) -> None:
+    # The level folds every ActNorm into its 1x1 convolution and computes all its coupling nets'
+    # output convolutions at once; values and gradients are those of the layers run one by one.
+    model = Glow(image_shape=(2, 8, 8), levels=2, steps=3, hidden_channels=8, **options).double()
     x = torch.rand(4, 2, 8, 8, dtype=torch.float64) - 0.5
-    model.log_prob(x)
+    y = torch.arange(4) % 3 if options.get("num_classes") else None
+    model.log_prob(x, y)
     perturb(model)
     level = model.levels[0]
-    folded, folded_logdet = level(x)
+    folded, folded_logdet = level(x, y)
 
     def plain(layer, h):  # ActNorm, 1x1 convolution and coupling as three layers
-        return FlowSequence.forward(layer, h) if isinstance(layer, FlowStep) else layer(h)
+        if isinstance(layer, FlowStep):
+            return FlowSequence.forward(layer, h, y)
+        return layer(h, y) if layer.conditional else layer(h)
 
     h, logdets = x, []
     for layer in level.chain():  # its squeeze and steps, then its split
@@ -142,8 +157,15 @@ def test_folded_level_equals_its_layers_run_one_by_one(permutation: str) -> None
         logdets.append(ld)
     torch.testing.assert_close(folded, h, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(folded_logdet, sum(logdets), rtol=1e-12, atol=1e-10)
-    single, single_logdet = level.layers[1](level.layers[0](x)[0])
-    expected, expected_logdet = chain_forward(level.layers[1].layers, level.layers[0](x)[0])
+    weights = torch.randn(folded.shape, dtype=torch.float64)
+    parameters = list(level.parameters())
+    folded_grads = torch.autograd.grad((folded * weights).sum() + folded_logdet.sum(), parameters)
+    plain_grads = torch.autograd.grad((h * weights).sum() + sum(logdets).sum(), parameters)
+    for name, got, want in zip([n for n, _ in level.named_parameters()], folded_grads, plain_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12, msg=name)
+    squeezed = level.layers[0](x)[0]
+    single, single_logdet = level.layers[1](squeezed, y)
+    expected, expected_logdet = chain_forward(level.layers[1].layers, squeezed, y)
     torch.testing.assert_close(single, expected, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(single_logdet, expected_logdet, rtol=1e-12, atol=1e-10)
 

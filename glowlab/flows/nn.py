@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +18,8 @@ from torch import Tensor, nn
 from glowlab.flows.base import check_option
 
 ACTIVATIONS = {"tanh": nn.Tanh, "elu": nn.ELU}
+# The (weight, bias) a network's output convolution runs with, when its caller computed them.
+Head = tuple[Tensor, Tensor]
 
 
 class ZeroConv2d(nn.Module):
@@ -41,6 +44,7 @@ class ZeroConv2d(nn.Module):
         # two outputs of a coupling or prior net are then its channel halves, whose gradients
         # assemble into the convolution's memory format. Interleaved halves would be gathered back
         # by a stack, in NCHW, and a channels-last convolution's backward would pay to convert.
+        self.halves = halves
         order = torch.cat([torch.arange(0, out_channels, 2), torch.arange(1, out_channels, 2)]) if halves else None
         self.register_buffer("order", order, persistent=False)
         # A fixed per-channel constant added to the output (neither learned nor saved), in output
@@ -48,15 +52,51 @@ class ZeroConv2d(nn.Module):
         # its sigmoid) folds the shift into the bias here instead of a pass over the activations.
         self.register_buffer("offset", torch.zeros(out_channels) if offset is None else offset, persistent=False)
 
+    def kernel(self) -> tuple[Tensor, Tensor]:
+        """The weight and bias the convolution runs with: scale folded in, outputs in order, offset added."""
+        logs = self.logs.view(-1)  # (1, out, 1, 1) -> (out,)
+        return scaled_kernel(self.weight, self.bias, logs, self.order, self.offset)
+
     def forward(self, x: Tensor) -> Tensor:
-        # The output scale is folded into the (small) kernel and bias, so backprop keeps no extra
-        # copy of the (large) output.
-        scale = (self.logs.view(-1) * self.logscale_factor).exp()  # (1, out, 1, 1) -> (out,)
-        weight = self.weight * scale.view(-1, 1, 1, 1)  # (out,) -> (out, 1, 1, 1): scales each filter
-        bias = self.bias * scale
-        if self.order is not None:
-            weight, bias = weight.index_select(0, self.order), bias.index_select(0, self.order)
-        return F.conv2d(x, weight, bias + self.offset, padding=1)
+        return F.conv2d(x, *self.kernel(), padding=1)
+
+
+def scaled_kernel(
+    weight: Tensor, bias: Tensor, logs: Tensor, order: Tensor | None, offset: Tensor
+) -> tuple[Tensor, Tensor]:
+    """:class:`ZeroConv2d`'s kernel and bias from its parameters, for one layer or for K stacked.
+
+    ``weight`` is (..., out, in, 3, 3), ``bias``, ``logs`` and ``offset`` are (..., out). The output
+    scale is folded into the (small) kernel and bias, so backprop keeps no extra copy of the
+    (large) output; ``order`` (or None) reorders the output channels.
+    """
+    scale = (logs * ZeroConv2d.logscale_factor).exp()
+    weight = weight * scale.view(*scale.shape, 1, 1, 1)  # (..., out) -> (..., out, 1, 1, 1): scales each filter
+    bias = bias * scale
+    if order is not None:
+        weight, bias = weight.index_select(-4, order), bias.index_select(-1, order)
+    return weight, bias + offset
+
+
+def zero_conv_kernels(convs: Sequence[ZeroConv2d]) -> list[Head] | None:
+    """The kernels and biases of several :class:`ZeroConv2d` of one shape, computed together.
+
+    A level's K coupling networks end in such layers; computing their K kernels as one batched
+    operation per parameter, instead of K times a few operators on small tensors, takes that many
+    operators out of a training step. Values are each layer's :meth:`ZeroConv2d.kernel`. None when
+    the layers differ in shape or output order (nothing is batched then).
+    """
+    first = convs[0]
+    if any(c.weight.shape != first.weight.shape or c.halves != first.halves for c in convs):
+        return None
+    weights, biases = scaled_kernel(
+        torch.stack([c.weight for c in convs]),  # K x (out, in, 3, 3) -> (K, out, in, 3, 3)
+        torch.stack([c.bias for c in convs]),  # K x (out,) -> (K, out)
+        torch.stack([c.logs for c in convs]).view(len(convs), -1),  # K x (1, out, 1, 1) -> (K, out)
+        first.order,
+        torch.stack([c.offset for c in convs]),  # K x (out,) -> (K, out)
+    )
+    return list(zip(weights.unbind(0), biases.unbind(0), strict=True))
 
 
 def interleaved_halves(h: Tensor) -> tuple[Tensor, Tensor]:
@@ -109,13 +149,25 @@ def class_embedding(num_classes: int | None, features: int) -> nn.Linear | None:
     return layer
 
 
-def conditioned_net(net: nn.Sequential, x: Tensor, embedding: nn.Linear | None, labels: Tensor | None) -> Tensor:
-    """``net(x)``, with ``embedding``'s class offset added to the first layer's output when there is one."""
-    if embedding is None:
-        return net(x)
-    h = net[0](x)
-    h = h + class_offset(embedding, labels, embedding.in_features, (h.shape[0], -1, 1, 1), h.dtype)
-    return net[1:](h)
+def conditioned_net(
+    net: nn.Sequential,
+    x: Tensor,
+    embedding: nn.Linear | None,
+    labels: Tensor | None,
+    head: Head | None = None,
+) -> Tensor:
+    """``net(x)``, with ``embedding``'s class offset added to the first layer's output when there is one.
+
+    ``head``, when given, is the (weight, bias) the last layer (a :class:`ZeroConv2d`) runs with,
+    computed by the caller (a level computes all its steps' at once, see :func:`zero_conv_kernels`).
+    """
+    last = len(net) - 1
+    h = x
+    for i, layer in enumerate(net):
+        h = F.conv2d(h, *head, padding=1) if i == last and head is not None else layer(h)
+        if i == 0 and embedding is not None:
+            h = h + class_offset(embedding, labels, embedding.in_features, (h.shape[0], -1, 1, 1), h.dtype)
+    return h
 
 
 def affine_net(in_channels: int, hidden_channels: int, transformed: int) -> nn.Sequential:

@@ -37,6 +37,7 @@ from glowlab.flows.coupling import CheckerboardCoupling
 from glowlab.flows.dequantization import VariationalDequantizer
 from glowlab.flows.elementwise import ElementwiseAffine
 from glowlab.flows.invertible import invertible_forward
+from glowlab.flows.nn import Head, zero_conv_kernels
 from glowlab.flows.priors import CONDITIONINGS
 from glowlab.flows.squeeze import MEMORY_FORMATS, to_memory_format
 from glowlab.likelihood import dequantize
@@ -371,14 +372,17 @@ class FlowStep(FlowSequence):
         """Whether ActNorm and the 1x1 convolution can run as one convolution now (ActNorm initialised)."""
         return self.learned_mixing and self.layers[0].is_initialized
 
-    def couple(self, x: Tensor, kernel: Tensor, bias: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def couple(
+        self, x: Tensor, kernel: Tensor, bias: Tensor, context: Tensor | None = None, head: Head | None = None
+    ) -> tuple[Tensor, Tensor]:
         """The step with its ActNorm and 1x1 convolution given as one folded ``kernel`` and ``bias``.
 
         Returns the output and the coupling's log-determinant only: the folded layers' part is the
         same at every pixel and is added by the caller (see :func:`fold_actnorm`). ``context`` goes
-        to a class-conditional coupling.
+        to a class-conditional coupling; ``head``, when given, is its network's output convolution
+        (see :func:`glowlab.flows.nn.zero_conv_kernels`).
         """
-        return self.couple_fn(self, x, kernel, bias, context)
+        return self.couple_fn(self, x, kernel, bias, context, head)
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         if not self.foldable():
@@ -391,14 +395,16 @@ class FlowStep(FlowSequence):
 
 
 def folded_step(
-    step: FlowStep, x: Tensor, kernel: Tensor, bias: Tensor, context: Tensor | None = None
+    step: FlowStep, x: Tensor, kernel: Tensor, bias: Tensor, context: Tensor | None = None, head: Head | None = None
 ) -> tuple[Tensor, Tensor]:
     """``step`` with its ActNorm and 1x1 convolution folded into ``kernel`` and ``bias``.
 
     A free function, so that one ``torch.compile`` of it serves every step: the compiled graph
     takes the step's parameters as inputs and is reused for every step of the same shape.
+    ``head`` is the coupling network's output convolution, or None for the coupling to compute it.
     """
-    return run_forward(step.layers[2], F.conv2d(x, kernel, bias), context)
+    coupling = step.layers[2]
+    return coupling(F.conv2d(x, kernel, bias), context if coupling.conditional else None, head=head)
 
 
 # dynamo's default recompile limit, which it applies per code object: what one compiled function gets.
@@ -445,8 +451,9 @@ class Level(FlowSequence):
     ``split.keep`` channels flow on to the next level and the rest is this level's standardised
     latent; :meth:`chunk` separates them. Once ActNorm is initialised, the Glow steps of a level
     with learned 1x1 convolutions assemble all their convolution weights at once: the K LU products
-    and ActNorm folds (see :meth:`FlowStep.forward`) run as batched operations over the level
-    instead of K times over small matrices, so a training step dispatches far fewer operators.
+    and ActNorm folds (see :meth:`FlowStep.forward`) and the K output convolutions of the coupling
+    networks (:func:`glowlab.flows.nn.zero_conv_kernels`) run as batched operations over the level
+    instead of K times over small tensors, so a training step dispatches far fewer operators.
     Values are those of the layers run one by one.
 
     References: Kingma & Dhariwal, "Glow: Generative Flow with Invertible 1x1 Convolutions", 2018.
@@ -483,9 +490,11 @@ class Level(FlowSequence):
                 if folded is None:  # the steps' resolution is known from here on
                     weights, logabsdet = mixing_matrices([step.layers[1] for step in steps])
                     kernels, biases, per_pixel = fold_actnorm(weights, [step.layers[0] for step in steps], logabsdet)
-                    folded = zip(kernels, biases, strict=True)
+                    heads = zero_conv_kernels([step.layers[2].net[-1] for step in steps]) or [None] * len(steps)
+                    folded = zip(kernels, biases, heads, strict=True)
                     pixels = x.shape[2] * x.shape[3]
-                x, ld = layer.couple(x, *next(folded), context)
+                kernel, bias, head = next(folded)
+                x, ld = layer.couple(x, kernel, bias, context, head)
             else:
                 x, ld = run_forward(layer, x, context)
             logdet = ld if logdet is None else logdet + ld
