@@ -24,9 +24,9 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out
 step 150 gpu_check $py benchmarks/gpu_check.py
 nf=benchmarks/adapters/normflows_glow.py
 step 120 reference $py benchmarks/glow_step.py --device cuda --config reference \
-  --impl glowlab glowlab:graphs glowlab:compile+graphs "$nf" --json "$out/reference.json"
+  --impl glowlab glowlab:graphs glowlab:compile+graphs "$nf" --conv-floor --json "$out/reference.json"
 step 90 paper $py benchmarks/glow_step.py --device cuda --config paper \
-  --impl glowlab glowlab:graphs "$nf" --pairs 10 --json "$out/paper.json"
+  --impl glowlab glowlab:graphs "$nf" --pairs 10 --conv-floor --json "$out/paper.json"
 step 150 main_job $py benchmarks/main_job.py --accelerator gpu --variant cuda_graphs eager --no-wandb \
   --json "$out/main_job.json"
 step 60 compile_time $py benchmarks/compile_time.py --device cuda --depths 8 32 --width 512 --modes per-step
