@@ -45,6 +45,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from memory import current_rss_mib, live_memory_env, peak_rss_mib, reset_peak_rss
@@ -182,14 +183,22 @@ def count_operators(impl: Implementation, x: Tensor, device: str, precision: str
     return counts
 
 
-def count_flops(impl: Implementation, x: Tensor, device: str, precision: str) -> int:
-    """FLOPs of one forward and backward pass (matrix products and convolutions)."""
+def forward_backward(
+    impl: Implementation, x: Tensor, device: str, precision: str, mode: contextlib.AbstractContextManager
+) -> None:
+    """One forward and backward pass of ``impl`` under ``mode`` (a counting or recording mode); no update."""
     impl.optimizer.zero_grad(set_to_none=True)
-    with FlopCounterMode(display=False) as flops:
+    with mode:
         with autocast(device, precision):
             loss = impl.loss(x)
         loss.backward()
     impl.optimizer.zero_grad(set_to_none=True)
+
+
+def count_flops(impl: Implementation, x: Tensor, device: str, precision: str) -> int:
+    """FLOPs of one forward and backward pass (matrix products and convolutions)."""
+    flops = FlopCounterMode(display=False)
+    forward_backward(impl, x, device, precision, flops)
     return flops.get_total_flops()
 
 
@@ -216,11 +225,19 @@ def convolution_share(impl: Implementation, device: str, steps: int) -> tuple[fl
     return share, [(e.key, own(e) / total) for e in others]
 
 
+class Layout(NamedTuple):
+    """A tensor argument's shape, strides and dtype: what a recorded operator needs to run again."""
+
+    shape: torch.Size
+    stride: tuple[int, ...]
+    dtype: torch.dtype
+
+
 def record_convolutions(impl: Implementation, x: Tensor, device: str, precision: str) -> list:
     """The convolution operators (forward and backward) one eager step of ``impl`` dispatches.
 
-    Each as ``(operator, args)`` with every tensor argument replaced by its (shape, stride, dtype),
-    so that :func:`convolutions_alone` can run the same kernels on fresh tensors.
+    Each as ``(operator, args)`` with every tensor argument replaced by its :class:`Layout`, so
+    that :func:`convolutions_alone` can run the same kernels on fresh tensors.
     """
     from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -231,16 +248,11 @@ def record_convolutions(impl: Implementation, x: Tensor, device: str, precision:
     class Record(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             if func in wanted:
-                described = [(a.shape, a.stride(), a.dtype) if isinstance(a, Tensor) else a for a in args]
+                described = [Layout(a.shape, a.stride(), a.dtype) if isinstance(a, Tensor) else a for a in args]
                 calls.append((func, described))
             return func(*args, **(kwargs or {}))
 
-    impl.optimizer.zero_grad(set_to_none=True)
-    with Record():
-        with autocast(device, precision):
-            loss = impl.loss(x)
-        loss.backward()
-    impl.optimizer.zero_grad(set_to_none=True)
+    forward_backward(impl, x, device, precision, Record())
     return calls
 
 
@@ -248,9 +260,8 @@ def convolutions_alone(calls: list, device: str) -> Callable[[], None]:
     """A function running ``calls`` (from :func:`record_convolutions`) on random tensors of their layouts."""
 
     def fresh(arg):
-        if isinstance(arg, tuple) and len(arg) == 3 and isinstance(arg[2], torch.dtype):
-            shape, stride, dtype = arg
-            return torch.empty_strided(shape, stride, dtype=dtype, device=device).normal_()
+        if isinstance(arg, Layout):
+            return torch.empty_strided(arg.shape, arg.stride, dtype=arg.dtype, device=device).normal_()
         return arg
 
     ready = [(func, [fresh(a) for a in args]) for func, args in calls]

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import glowlab.training.module as training_module
 from glowlab.dispatch import OperatorCounter
 from glowlab.flows import ActNorm
-from glowlab.flows.base import FlowSequence, chain_forward
+from glowlab.flows.base import FlowSequence, chain_forward, run_forward
 from glowlab.models import FlowStep, Glow, MultiscaleConfig
 from glowlab.optim import Adamax
 from glowlab.training import GlowModule
@@ -147,9 +147,7 @@ def test_folded_level_equals_its_layers_run_one_by_one(options: dict) -> None:
     folded, folded_logdet = level(x, y)
 
     def plain(layer, h):  # ActNorm, 1x1 convolution and coupling as three layers
-        if isinstance(layer, FlowStep):
-            return FlowSequence.forward(layer, h, y)
-        return layer(h, y) if layer.conditional else layer(h)
+        return FlowSequence.forward(layer, h, y) if isinstance(layer, FlowStep) else run_forward(layer, h, y)
 
     h, logdets = x, []
     for layer in level.chain():  # its squeeze and steps, then its split
@@ -158,10 +156,10 @@ def test_folded_level_equals_its_layers_run_one_by_one(options: dict) -> None:
     torch.testing.assert_close(folded, h, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(folded_logdet, sum(logdets), rtol=1e-12, atol=1e-10)
     weights = torch.randn(folded.shape, dtype=torch.float64)
-    parameters = list(level.parameters())
+    names, parameters = zip(*level.named_parameters(), strict=True)
     folded_grads = torch.autograd.grad((folded * weights).sum() + folded_logdet.sum(), parameters)
     plain_grads = torch.autograd.grad((h * weights).sum() + sum(logdets).sum(), parameters)
-    for name, got, want in zip([n for n, _ in level.named_parameters()], folded_grads, plain_grads, strict=True):
+    for name, got, want in zip(names, folded_grads, plain_grads, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12, msg=name)
     squeezed = level.layers[0](x)[0]
     single, single_logdet = level.layers[1](squeezed, y)

@@ -403,8 +403,8 @@ def folded_step(
     takes the step's parameters as inputs and is reused for every step of the same shape.
     ``head`` is the coupling network's output convolution, or None for the coupling to compute it.
     """
-    coupling = step.layers[2]
-    return coupling(F.conv2d(x, kernel, bias), context if coupling.conditional else None, head=head)
+    # Every coupling takes a context (one without classes ignores it), as the flow contract allows.
+    return step.layers[2](F.conv2d(x, kernel, bias), context, head=head)
 
 
 # dynamo's default recompile limit, which it applies per code object: what one compiled function gets.
