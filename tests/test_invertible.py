@@ -90,7 +90,9 @@ def test_actnorm_initialises_the_same_way_in_both_modes() -> None:
         torch.testing.assert_close(p, q, msg=name)
 
 
-def test_autocast_bfloat16_is_close_to_standard_and_keeps_logdet_in_float32() -> None:
+def test_autocast_bfloat16_matches_standard_and_keeps_logdet_in_float32() -> None:
+    """The rebuilt inputs run the networks in bfloat16 as the forward pass did (see
+    glowlab.flows.precision): the gradients are standard backprop's to float32 rounding."""
     torch.manual_seed(0)
     standard = Glow(**TINY)
     x = torch.rand(8, *standard.image_shape) - 0.5
@@ -106,7 +108,7 @@ def test_autocast_bfloat16_is_close_to_standard_and_keeps_logdet_in_float32() ->
         assert logdet.dtype == torch.float32 and loss.dtype == torch.float32
         loss.backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
-    assert ((grads[0] - grads[1]).norm() / grads[0].norm()).item() < 0.05
+    assert ((grads[0] - grads[1]).norm() / grads[0].norm()).item() < 1e-5
 
 
 def test_bad_configurations_are_named() -> None:

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from glowlab.flows.base import Flow, chain_forward
+from glowlab.flows.precision import network_state, networks_under
 
 
 class _Chain:
@@ -36,6 +37,8 @@ class _InvertibleFunction(torch.autograd.Function):
         ctx.device_type = x.device.type
         ctx.autocast = torch.is_autocast_enabled(ctx.device_type)
         ctx.autocast_dtype = torch.get_autocast_dtype(ctx.device_type)
+        # Inside a model's float32 data path: the networks' autocast, for the inverse and the recomputation.
+        ctx.networks = network_state()
         with torch.no_grad():
             y, logdet = chain.forward(x)
         ctx.save_for_backward(y)
@@ -53,12 +56,13 @@ class _InvertibleFunction(torch.autograd.Function):
         # layer with gradients, backpropagate through it alone, and move on. Only one layer's
         # activations exist at any time.
         for layer in reversed(chain.layers):
-            with torch.no_grad(), torch.autocast(ctx.device_type, enabled=False):
+            with torch.no_grad(), torch.autocast(ctx.device_type, enabled=False), networks_under(ctx.networks):
                 # Reconstruct in at least float32: a low-precision inverse would drift from the input.
                 x = layer.inverse(y.to(work)).to(ctx.input_dtype)
             x.requires_grad_(True)
             params = [p for p in layer.parameters() if p.requires_grad]
-            with torch.enable_grad(), torch.autocast(ctx.device_type, dtype=ctx.autocast_dtype, enabled=ctx.autocast):
+            autocast = torch.autocast(ctx.device_type, dtype=ctx.autocast_dtype, enabled=ctx.autocast)
+            with torch.enable_grad(), autocast, networks_under(ctx.networks):
                 y2, logdet = layer(x)
             outputs, grads = [y2], [grad_y]
             if grad_logdet is not None and logdet.requires_grad:

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from glowlab.flows.base import check_option
+from glowlab.flows.precision import network_precision
 
 ACTIVATIONS = {"tanh": nn.Tanh, "elu": nn.ELU}
 # The (weight, bias) a network's output convolution runs with, when its caller computed them.
@@ -158,16 +159,21 @@ def conditioned_net(
 ) -> Tensor:
     """``net(x)``, with ``embedding``'s class offset added to the first layer's output when there is one.
 
+    The network runs in the caller's autocast precision (:func:`~glowlab.flows.precision.network_precision`)
+    and its output comes back in ``x``'s dtype.
+
     ``head``, when given, is the (weight, bias) the last layer (a :class:`ZeroConv2d`) runs with,
     computed by the caller (a level computes all its steps' at once, see :func:`zero_conv_kernels`).
     """
     last = len(net) - 1
     h = x
-    for i, layer in enumerate(net):
-        h = F.conv2d(h, *head, padding=1) if i == last and head is not None else layer(h)
-        if i == 0 and embedding is not None:
-            h = h + class_offset(embedding, labels, embedding.in_features, (h.shape[0], -1, 1, 1), h.dtype)
-    return h
+    with network_precision():
+        for i, layer in enumerate(net):
+            h = F.conv2d(h, *head, padding=1) if i == last and head is not None else layer(h)
+            if i == 0 and embedding is not None:
+                h = h + class_offset(embedding, labels, embedding.in_features, (h.shape[0], -1, 1, 1), h.dtype)
+    # Back to the data path's precision (a no-op without autocast): see glowlab.flows.precision.
+    return h.to(x.dtype)
 
 
 def affine_net(in_channels: int, hidden_channels: int, transformed: int) -> nn.Sequential:

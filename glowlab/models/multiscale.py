@@ -38,6 +38,7 @@ from glowlab.flows.dequantization import VariationalDequantizer
 from glowlab.flows.elementwise import ElementwiseAffine
 from glowlab.flows.invertible import invertible_forward
 from glowlab.flows.nn import Head, zero_conv_kernels
+from glowlab.flows.precision import float32_data_path
 from glowlab.flows.priors import CONDITIONINGS
 from glowlab.flows.squeeze import MEMORY_FORMATS, to_memory_format
 from glowlab.likelihood import dequantize
@@ -657,8 +658,13 @@ class MultiscaleFlow(ImageFlow):
                     layer.compile(dynamic=False)
         share_recompile_limit(compiled)
 
+    @float32_data_path
     def evaluate(self, x: Tensor, y: Tensor | None = None) -> MultiscaleOutput:
-        """One pass giving latents, log-determinant, ``log_prob`` and (if conditional) class logits."""
+        """One pass giving latents, log-determinant, ``log_prob`` and (if conditional) class logits.
+
+        Under autocast only the coupling networks run in its precision; the rest stays in the
+        parameters' (see :mod:`glowlab.flows.precision`).
+        """
         if tuple(x.shape[1:]) != self.image_shape:
             raise ValueError(
                 f"expected images of shape (B, {', '.join(map(str, self.image_shape))}), got {tuple(x.shape)}"
@@ -692,8 +698,10 @@ class MultiscaleFlow(ImageFlow):
         """Same as :meth:`encode`: the model is itself a flow in the data -> latent direction."""
         return self.encode(x, y)
 
+    @float32_data_path
     def decode(self, zs: list[Tensor], y: Tensor | None = None) -> Tensor:
-        """Exact inverse of :meth:`encode`."""
+        """Exact inverse of :meth:`encode` (also under the same autocast, to float32 rounding; see
+        :mod:`glowlab.flows.precision` for the rare exception)."""
         if len(zs) != len(self.z_shapes):
             raise ValueError(f"expected {len(self.z_shapes)} latents (one per level), got {len(zs)}")
         h = self.top_prior.inverse(zs[-1], y)
