@@ -1,7 +1,8 @@
 """Coupling layers: half the channels pass through and parameterise a transform of the rest.
 
-Their ``forward`` takes an optional ``head``: the (weight, bias) of the network's zero-initialised
-output convolution, when the caller has computed it (a Glow level computes all its steps' at once).
+Their ``forward`` takes optional ``kernels``: the (weight, bias) each layer of the network runs
+with, when the caller has computed them (a Glow level computes all its steps' at once, see
+:func:`glowlab.flows.nn.network_kernels`).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import torch
 from torch import Tensor
 
 from glowlab.flows.base import Flow, choose, sum_except_batch
-from glowlab.flows.nn import Head, affine_net, class_embedding, conditioned_net, coupling_net
+from glowlab.flows.nn import NetKernels, affine_net, class_embedding, conditioned_net, coupling_net
 
 
 def shift_and_scale(h: Tensor) -> tuple[Tensor, Tensor]:
@@ -39,9 +40,11 @@ class AffineCoupling(Flow):
         self.class_embedding = class_embedding(num_classes, hidden_channels)
         self.conditional = num_classes is not None
 
-    def forward(self, x: Tensor, context: Tensor | None = None, head: Head | None = None) -> tuple[Tensor, Tensor]:
+    def forward(
+        self, x: Tensor, context: Tensor | None = None, kernels: NetKernels | None = None
+    ) -> tuple[Tensor, Tensor]:
         x_a, x_b = x.split([self.split, x.shape[1] - self.split], dim=1)
-        shift, scale = shift_and_scale(conditioned_net(self.net, x_a, self.class_embedding, context, head))
+        shift, scale = shift_and_scale(conditioned_net(self.net, x_a, self.class_embedding, context, kernels))
         # One saved tensor (scale) serves the sigmoid, the product and the log: less activation memory.
         y_b = (x_b + shift) * scale
         return torch.cat([x_a, y_b], dim=1), sum_except_batch(torch.log(scale))
@@ -66,9 +69,11 @@ class AdditiveCoupling(Flow):
         self.class_embedding = class_embedding(num_classes, hidden_channels)
         self.conditional = num_classes is not None
 
-    def forward(self, x: Tensor, context: Tensor | None = None, head: Head | None = None) -> tuple[Tensor, Tensor]:
+    def forward(
+        self, x: Tensor, context: Tensor | None = None, kernels: NetKernels | None = None
+    ) -> tuple[Tensor, Tensor]:
         x_a, x_b = x.split([self.split, x.shape[1] - self.split], dim=1)
-        shift = conditioned_net(self.net, x_a, self.class_embedding, context, head)
+        shift = conditioned_net(self.net, x_a, self.class_embedding, context, kernels)
         return torch.cat([x_a, x_b + shift], dim=1), x.new_zeros(x.shape[0])
 
     def inverse(self, y: Tensor, context: Tensor | None = None) -> Tensor:
@@ -106,18 +111,20 @@ class CheckerboardCoupling(Flow):
         return ((rows + cols + self.parity) % 2 == 0).to(x.dtype).expand(x.shape[0], 1, h, w)  # (B, 1, H, W)
 
     def _shift_scale(
-        self, x_cond: Tensor, mask: Tensor, labels: Tensor | None, head: Head | None = None
+        self, x_cond: Tensor, mask: Tensor, labels: Tensor | None, kernels: NetKernels | None = None
     ) -> tuple[Tensor, Tensor]:
         inputs = torch.cat([x_cond, mask], dim=1)  # (B, C + 1, H, W)
         if x_cond.is_contiguous(memory_format=torch.channels_last):
             # cat falls back to NCHW because the broadcast mask has no channels-last strides; the
             # convolutions run faster on the channels-last copy than on NCHW.
             inputs = inputs.contiguous(memory_format=torch.channels_last)
-        return shift_and_scale(conditioned_net(self.net, inputs, self.class_embedding, labels, head))
+        return shift_and_scale(conditioned_net(self.net, inputs, self.class_embedding, labels, kernels))
 
-    def forward(self, x: Tensor, context: Tensor | None = None, head: Head | None = None) -> tuple[Tensor, Tensor]:
+    def forward(
+        self, x: Tensor, context: Tensor | None = None, kernels: NetKernels | None = None
+    ) -> tuple[Tensor, Tensor]:
         mask = self._mask(x)
-        shift, scale = self._shift_scale(x * mask, mask, context, head)
+        shift, scale = self._shift_scale(x * mask, mask, context, kernels)
         free = 1.0 - mask
         y = x * mask + free * (x + shift) * scale
         return y, sum_except_batch(free * torch.log(scale))

@@ -19,8 +19,10 @@ from glowlab.flows.base import check_option
 from glowlab.flows.precision import network_precision
 
 ACTIVATIONS = {"tanh": nn.Tanh, "elu": nn.ELU}
-# The (weight, bias) a network's output convolution runs with, when its caller computed them.
-Head = tuple[Tensor, Tensor]
+# The (weight, bias) a convolution runs with, when its caller computed them.
+ConvKernel = tuple[Tensor, Tensor]
+# Per layer of a network, the (weight, bias) its caller computed, or None for a layer that runs itself.
+NetKernels = tuple[ConvKernel | None, ...]
 
 
 class ZeroConv2d(nn.Module):
@@ -79,25 +81,58 @@ def scaled_kernel(
     return weight, bias + offset
 
 
-def zero_conv_kernels(convs: Sequence[ZeroConv2d]) -> list[Head] | None:
-    """The kernels and biases of several :class:`ZeroConv2d` of one shape, computed together.
+def network_kernels(nets: Sequence[nn.Sequential], dtype: torch.dtype | None = None) -> list[NetKernels]:
+    """The (weight, bias) the layers of K networks of one shape run with, computed for all K at once.
 
-    A level's K coupling networks end in such layers; computing their K kernels as one batched
-    operation per parameter, instead of K times a few operators on small tensors, takes that many
-    operators out of a training step. Values are each layer's :meth:`ZeroConv2d.kernel`. None when
-    the layers differ in shape or output order (nothing is batched then).
+    A level's K coupling networks end in a :class:`ZeroConv2d`, whose kernel is computed from three
+    parameters at every step; computing the K kernels as one batched operation per parameter,
+    instead of K times a few operators on small tensors, takes that many operators out of a
+    training step. With ``dtype`` (the networks' autocast dtype, see :mod:`glowlab.flows.precision`)
+    every convolution's weight and bias is also cast once for the level, where autocast would cast
+    them at every step. Values are each layer's own. Layers left to run themselves (activations,
+    layers whose shapes differ across the networks) get None.
     """
-    first = convs[0]
-    if any(c.weight.shape != first.weight.shape or c.halves != first.halves for c in convs):
-        return None
-    weights, biases = scaled_kernel(
-        torch.stack([c.weight for c in convs]),  # K x (out, in, 3, 3) -> (K, out, in, 3, 3)
-        torch.stack([c.bias for c in convs]),  # K x (out,) -> (K, out)
-        torch.stack([c.logs for c in convs]).view(len(convs), -1),  # K x (1, out, 1, 1) -> (K, out)
-        first.order,
-        torch.stack([c.offset for c in convs]),  # K x (out,) -> (K, out)
+    first = nets[0]
+    if any(len(net) != len(first) for net in nets):
+        return [(None,) * len(net) for net in nets]
+    per_layer: list[list[ConvKernel | None]] = []
+    for i, layer in enumerate(first):
+        layers = [net[i] for net in nets]
+        stacked = None
+        if _same_shape(layers) and isinstance(layer, ZeroConv2d) and all(c.halves == layer.halves for c in layers):
+            stacked = scaled_kernel(
+                torch.stack([c.weight for c in layers]),  # K x (out, in, 3, 3) -> (K, out, in, 3, 3)
+                torch.stack([c.bias for c in layers]),  # K x (out,) -> (K, out)
+                torch.stack([c.logs for c in layers]).view(len(layers), -1),  # K x (1, out, 1, 1) -> (K, out)
+                layer.order,
+                torch.stack([c.offset for c in layers]),  # K x (out,) -> (K, out)
+            )
+        elif dtype is not None and _same_shape(layers) and type(layer) is nn.Conv2d and layer.bias is not None:
+            # K x (out, in, k, k) -> (K, out, in, k, k) and K x (out,) -> (K, out)
+            stacked = torch.stack([c.weight for c in layers]), torch.stack([c.bias for c in layers])
+        if stacked is not None and dtype is not None and stacked[0].dtype != torch.float64:  # autocast's rule
+            stacked = stacked[0].to(dtype), stacked[1].to(dtype)
+        per_layer.append(
+            [None] * len(nets) if stacked is None else list(zip(*(t.unbind(0) for t in stacked), strict=True))
+        )
+    return list(zip(*per_layer, strict=True))
+
+
+def _same_shape(layers: Sequence[nn.Module]) -> bool:
+    first = layers[0]
+    return all(
+        type(c) is type(first) and isinstance(c, nn.Conv2d | ZeroConv2d) and c.weight.shape == first.weight.shape
+        for c in layers
     )
-    return list(zip(weights.unbind(0), biases.unbind(0), strict=True))
+
+
+def run_with(layer: nn.Module, h: Tensor, kernel: ConvKernel | None) -> Tensor:
+    """``layer(h)``, with the convolution ``layer`` run with ``kernel`` when the caller computed it."""
+    if kernel is None:
+        return layer(h)
+    if isinstance(layer, ZeroConv2d):
+        return F.conv2d(h, *kernel, padding=1)
+    return F.conv2d(h, *kernel, layer.stride, layer.padding, layer.dilation, layer.groups)
 
 
 def interleaved_halves(h: Tensor) -> tuple[Tensor, Tensor]:
@@ -155,21 +190,20 @@ def conditioned_net(
     x: Tensor,
     embedding: nn.Linear | None,
     labels: Tensor | None,
-    head: Head | None = None,
+    kernels: NetKernels | None = None,
 ) -> Tensor:
     """``net(x)``, with ``embedding``'s class offset added to the first layer's output when there is one.
 
     The network runs in the caller's autocast precision (:func:`~glowlab.flows.precision.network_precision`)
     and its output comes back in ``x``'s dtype.
 
-    ``head``, when given, is the (weight, bias) the last layer (a :class:`ZeroConv2d`) runs with,
-    computed by the caller (a level computes all its steps' at once, see :func:`zero_conv_kernels`).
+    ``kernels``, when given, are the (weight, bias) its layers run with, computed by the caller (a
+    level computes all its steps' at once, see :func:`network_kernels`); None for a layer that runs itself.
     """
-    last = len(net) - 1
     h = x
     with network_precision():
         for i, layer in enumerate(net):
-            h = F.conv2d(h, *head, padding=1) if i == last and head is not None else layer(h)
+            h = layer(h) if kernels is None else run_with(layer, h, kernels[i])
             if i == 0 and embedding is not None:
                 h = h + class_offset(embedding, labels, embedding.in_features, (h.shape[0], -1, 1, 1), h.dtype)
     # Back to the data path's precision (a no-op without autocast): see glowlab.flows.precision.

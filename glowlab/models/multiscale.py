@@ -37,8 +37,8 @@ from glowlab.flows.coupling import CheckerboardCoupling
 from glowlab.flows.dequantization import VariationalDequantizer
 from glowlab.flows.elementwise import ElementwiseAffine
 from glowlab.flows.invertible import invertible_forward
-from glowlab.flows.nn import Head, zero_conv_kernels
-from glowlab.flows.precision import float32_data_path
+from glowlab.flows.nn import NetKernels, network_kernels
+from glowlab.flows.precision import float32_data_path, network_state
 from glowlab.flows.priors import CONDITIONINGS
 from glowlab.flows.squeeze import MEMORY_FORMATS, to_memory_format
 from glowlab.likelihood import dequantize
@@ -374,16 +374,21 @@ class FlowStep(FlowSequence):
         return self.learned_mixing and self.layers[0].is_initialized
 
     def couple(
-        self, x: Tensor, kernel: Tensor, bias: Tensor, context: Tensor | None = None, head: Head | None = None
+        self,
+        x: Tensor,
+        kernel: Tensor,
+        bias: Tensor,
+        context: Tensor | None = None,
+        net_kernels: NetKernels | None = None,
     ) -> tuple[Tensor, Tensor]:
         """The step with its ActNorm and 1x1 convolution given as one folded ``kernel`` and ``bias``.
 
         Returns the output and the coupling's log-determinant only: the folded layers' part is the
         same at every pixel and is added by the caller (see :func:`fold_actnorm`). ``context`` goes
-        to a class-conditional coupling; ``head``, when given, is its network's output convolution
-        (see :func:`glowlab.flows.nn.zero_conv_kernels`).
+        to a class-conditional coupling; ``net_kernels``, when given, are its network's layers'
+        weights and biases (see :func:`glowlab.flows.nn.network_kernels`).
         """
-        return self.couple_fn(self, x, kernel, bias, context, head)
+        return self.couple_fn(self, x, kernel, bias, context, net_kernels)
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         if not self.foldable():
@@ -396,16 +401,22 @@ class FlowStep(FlowSequence):
 
 
 def folded_step(
-    step: FlowStep, x: Tensor, kernel: Tensor, bias: Tensor, context: Tensor | None = None, head: Head | None = None
+    step: FlowStep,
+    x: Tensor,
+    kernel: Tensor,
+    bias: Tensor,
+    context: Tensor | None = None,
+    net_kernels: NetKernels | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``step`` with its ActNorm and 1x1 convolution folded into ``kernel`` and ``bias``.
 
     A free function, so that one ``torch.compile`` of it serves every step: the compiled graph
     takes the step's parameters as inputs and is reused for every step of the same shape.
-    ``head`` is the coupling network's output convolution, or None for the coupling to compute it.
+    ``net_kernels`` are the coupling network's layers' weights and biases, or None for the network to
+    compute them.
     """
     # Every coupling takes a context (one without classes ignores it), as the flow contract allows.
-    return step.layers[2](F.conv2d(x, kernel, bias), context, head=head)
+    return step.layers[2](F.conv2d(x, kernel, bias), context, kernels=net_kernels)
 
 
 # dynamo's default recompile limit, which it applies per code object: what one compiled function gets.
@@ -453,8 +464,9 @@ class Level(FlowSequence):
     latent; :meth:`chunk` separates them. Once ActNorm is initialised, the Glow steps of a level
     with learned 1x1 convolutions assemble all their convolution weights at once: the K LU products
     and ActNorm folds (see :meth:`FlowStep.forward`) and the K output convolutions of the coupling
-    networks (:func:`glowlab.flows.nn.zero_conv_kernels`) run as batched operations over the level
-    instead of K times over small tensors, so a training step dispatches far fewer operators.
+    networks (:func:`glowlab.flows.nn.network_kernels`; under autocast every network convolution's
+    weights, cast once) run as batched operations over the level instead of K times over small
+    tensors, so a training step dispatches far fewer operators.
     Values are those of the layers run one by one.
 
     References: Kingma & Dhariwal, "Glow: Generative Flow with Invertible 1x1 Convolutions", 2018.
@@ -491,11 +503,12 @@ class Level(FlowSequence):
                 if folded is None:  # the steps' resolution is known from here on
                     weights, logabsdet = mixing_matrices([step.layers[1] for step in steps])
                     kernels, biases, per_pixel = fold_actnorm(weights, [step.layers[0] for step in steps], logabsdet)
-                    heads = zero_conv_kernels([step.layers[2].net[-1] for step in steps]) or [None] * len(steps)
-                    folded = zip(kernels, biases, heads, strict=True)
+                    state = network_state()
+                    nets = network_kernels([step.layers[2].net for step in steps], None if state is None else state[1])
+                    folded = zip(kernels, biases, nets, strict=True)
                     pixels = x.shape[2] * x.shape[3]
-                kernel, bias, head = next(folded)
-                x, ld = layer.couple(x, kernel, bias, context, head)
+                kernel, bias, net_kernels = next(folded)
+                x, ld = layer.couple(x, kernel, bias, context, net_kernels)
             else:
                 x, ld = run_forward(layer, x, context)
             logdet = ld if logdet is None else logdet + ld

@@ -85,6 +85,12 @@ class CapturedStep:
         device, enabled, dtype = self._autocast
         return torch.autocast(device, dtype=dtype, enabled=enabled, cache_enabled=False)
 
+    def _backward(self, loss: Tensor) -> None:
+        """``loss.backward()`` with autocast off, as a Lightning step runs it (``replay`` is called
+        inside the training step's autocast): the float32 data path's backward stays float32."""
+        with torch.autocast(self._autocast[0], enabled=False):
+            loss.backward()
+
     def matches(self, x: Tensor, y: Tensor | None) -> bool:
         """Whether a batch fits the captured input tensors (shape, dtype, device, labels or not)."""
 
@@ -115,7 +121,7 @@ class CapturedStep:
     def _warm_up_pass(self) -> None:
         with self._context():
             loss, _ = self.fn(self.static_x, self.static_y)
-        loss.backward()
+        self._backward(loss)
         for p in self.params:
             p.grad = None
 
@@ -132,7 +138,7 @@ class CapturedStep:
             with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
                 with self._context():
                     self.loss, self.values = self.fn(self.static_x, self.static_y)
-                self.loss.backward()
+                self._backward(self.loss)
         except BaseException:
             # A capture that fails to end skips torch.cuda.graph's stream restore: training may go
             # on eagerly (GlowModule does), and must do so on the stream it came from.
@@ -147,7 +153,7 @@ class CapturedStep:
             p.grad = None
         with self._context():
             loss, values = self.fn(self.static_x, self.static_y)
-        loss.backward()
+        self._backward(loss)
         with torch.no_grad():
             if not hasattr(self, "loss"):  # the first run creates the static outputs, as a capture does
                 self.loss = loss.detach().clone()
