@@ -28,6 +28,10 @@ capture). Here they run for real:
 A check that raises (a capture fails on an operator it cannot record) is reported as failed with
 the error's first line, and the other checks still run.
 
+8. the log-determinant of the map: on a tiny Glow, the reported log-determinant against autograd's
+   Jacobian of what the device computes, in float32 with cuDNN's TF32 on (PyTorch's default) and
+   off, and under bf16 autocast (only the coupling networks in bfloat16).
+
 ``--emulate`` runs the same script on the CPU, with a smaller model and the emulated capture
 (``CapturedStep(backend="emulated")``: the graph's bookkeeping, no graph) and operators counted
 instead of the sync debug mode: a check of the script itself before GPU time is spent on it.
@@ -318,6 +322,43 @@ def check_adamax_skip() -> None:
     )
 
 
+def check_log_determinant(precision: str, tf32: bool) -> None:
+    """The reported log-determinant against autograd's Jacobian of the map the device applies.
+
+    A tiny Glow (128 dimensions) with perturbed weights: under bf16 autocast only its networks run
+    in bfloat16 (glowlab.flows.precision); in float32 cuDNN's TF32 (on by default) rounds the data
+    path's 1x1 convolutions to 10 bits of mantissa, which this measures with it on and off.
+    """
+    torch.manual_seed(0)
+    glow = MultiscaleConfig(image_shape=(2, 8, 8), levels=3, steps=2, hidden_channels=8)
+    model = GlowModule(glow).model.to(DEVICE)
+    x = torch.rand(4, 2, 8, 8, device=DEVICE) - 0.5
+    model.log_prob(x)  # ActNorm's initialisation (statistics of 4 images: the top level is 1x1)
+    x = x[:1]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+
+    def latents(v: torch.Tensor) -> torch.Tensor:
+        with autocast(precision):
+            return torch.cat([z.flatten() for z in model.encode(v)[0]])
+
+    tf32_before = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+    try:
+        jacobian = torch.autograd.functional.jacobian(latents, x).reshape(128, 128)
+        with autocast(precision):
+            logdet = model.encode(x)[1]
+    finally:
+        torch.backends.cudnn.allow_tf32 = tf32_before
+    gap = abs(torch.linalg.slogdet(jacobian.double())[1].item() - logdet.item())
+    report(
+        f"log-determinant of the map ({precision}, cuDNN TF32 {'on' if tf32 else 'off'})",
+        gap < 5e-3,  # the CPU test's bound (tests/test_precision.py): bf16 networks' Jacobian noise
+        f"|log|det J| - reported| = {gap:.2e} nats of {abs(logdet.item()):.1f}",
+    )
+
+
 def attempt(label: str, check: Callable[..., None], *args, **kwargs) -> None:
     """Run one check; an exception (a capture that fails raises) is its failure, and the rest still run."""
     try:
@@ -350,6 +391,8 @@ def main() -> None:
     }.items():
         attempt(f"capture ({name})", check_capture, name, **options)
     attempt("compile_steps", check_compile)
+    for precision, tf32 in (("32", True), ("32", False), ("bf16", True)):
+        attempt(f"log-determinant ({precision})", check_log_determinant, precision, tf32)
     # The training runs compare parameters after 30 steps, the Adamax check two models' after 5.
     torch.backends.cudnn.deterministic = True
     attempt("Adamax skip on the device", check_adamax_skip)
