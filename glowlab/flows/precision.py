@@ -29,7 +29,7 @@ from torch import Tensor
 
 # (device type, dtype, weight cache) of the caller's autocast while a data path runs with it off.
 AutocastState = tuple[str, torch.dtype, bool]
-F = TypeVar("F", bound=Callable)
+Method = TypeVar("Method", bound=Callable)
 
 
 class _Networks:
@@ -71,7 +71,7 @@ def network_precision() -> contextlib.AbstractContextManager:
     return torch.autocast(device, dtype=dtype, cache_enabled=cache)
 
 
-def float32_data_path(method: F) -> F:
+def float32_data_path(method: Method) -> Method:
     """Decorate a model method whose first argument is its input (a tensor or a list of tensors).
 
     Without autocast the method runs as it is. Under autocast it runs with autocast off, but for
