@@ -198,3 +198,27 @@ def test_vs_normflows_quick_run_scores_every_model_on_the_same_batches(tmp_path)
     difference = result["difference_bpd"]["glowlab - normflows"]["mean"]
     assert difference == pytest.approx(rows["glowlab"]["test_bpd"] - rows["normflows"]["test_bpd"], abs=1e-9)
     assert f"glowlab - normflows: {difference:+.4f}" in printed
+
+
+def test_mixed_precision_compares_bf16_with_float32_on_a_digits_checkpoint(run, tmp_path) -> None:
+    import mixed_precision
+
+    out = tmp_path / "mp.json"
+    figures = mixed_precision.main(["--ckpt", str(run["ckpt"]), "--images", "64", "--json", str(out)])
+    assert json.loads(out.read_text()) == figures and figures["images"] == 64
+    assert 0 < figures["bpd_per_image_abs_difference"] < 0.05 and 0 < figures["latent_relative_difference"] < 0.1
+    # The float32 data path: decode undoes encode under autocast, bar a rare bfloat16 rounding step.
+    assert figures["roundtrip_median_error"] < 1e-6 and figures["roundtrip_images_over_1e-4"] < 0.2
+
+
+def test_mixed_precision_names_a_checkpoint_for_other_data(tmp_path) -> None:
+    import mixed_precision
+
+    from glowlab.models import Glow
+
+    ckpt = tmp_path / "cifar.ckpt"
+    model = Glow(image_shape=(3, 8, 8), levels=1, steps=1, hidden_channels=4)
+    state = {f"model.{k}": v for k, v in model.state_dict().items()}
+    torch.save({"hyper_parameters": {"flow": model.config.to_dict()}, "state_dict": state}, ckpt)
+    with pytest.raises(SystemExit, match=r"cifar\.ckpt.*digits"):
+        mixed_precision.measure(ckpt)

@@ -361,7 +361,8 @@ class FlowStep(FlowSequence):
                 make_coupling(coupling, num_channels, hidden_channels, index, num_classes),
             ]
         )
-        # What :meth:`couple` runs; MultiscaleFlow.compile_steps puts one compiled version shared by all steps here.
+        # The folded step (:func:`folded_step`): MultiscaleFlow.compile_steps puts one compiled version shared by all
+        # steps here.
         self.couple_fn = folded_step
 
     @property
@@ -373,30 +374,13 @@ class FlowStep(FlowSequence):
         """Whether ActNorm and the 1x1 convolution can run as one convolution now (ActNorm initialised)."""
         return self.learned_mixing and self.layers[0].is_initialized
 
-    def couple(
-        self,
-        x: Tensor,
-        kernel: Tensor,
-        bias: Tensor,
-        context: Tensor | None = None,
-        net_kernels: NetKernels | None = None,
-    ) -> tuple[Tensor, Tensor]:
-        """The step with its ActNorm and 1x1 convolution given as one folded ``kernel`` and ``bias``.
-
-        Returns the output and the coupling's log-determinant only: the folded layers' part is the
-        same at every pixel and is added by the caller (see :func:`fold_actnorm`). ``context`` goes
-        to a class-conditional coupling; ``net_kernels``, when given, are its network's layers'
-        weights and biases (see :func:`glowlab.flows.nn.network_kernels`).
-        """
-        return self.couple_fn(self, x, kernel, bias, context, net_kernels)
-
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         if not self.foldable():
             return super().forward(x, context)  # ActNorm's data-dependent initialisation needs it on its own
         weight, logabsdet = self.layers[1].matrix()
         # (C, C) -> (1, C, C): folded as a batch of one step.
         (kernel,), (bias,), logdet_per_pixel = fold_actnorm(weight[None], [self.layers[0]], logabsdet)
-        y, logdet = self.couple(x, kernel, bias, context)
+        y, logdet = self.couple_fn(self, x, kernel, bias, context)
         return y, logdet + logdet_per_pixel * (x.shape[2] * x.shape[3])
 
 
@@ -412,8 +396,10 @@ def folded_step(
 
     A free function, so that one ``torch.compile`` of it serves every step: the compiled graph
     takes the step's parameters as inputs and is reused for every step of the same shape.
-    ``net_kernels`` are the coupling network's layers' weights and biases, or None for the network to
-    compute them.
+    Returns the output and the coupling's log-determinant only: the folded layers' part is the
+    same at every pixel and is added by the caller (see :func:`fold_actnorm`). ``context`` goes to
+    a class-conditional coupling; ``net_kernels`` are the coupling network's layers' weights and
+    biases (see :func:`glowlab.flows.nn.network_kernels`), or None for the network to compute them.
     """
     # Every coupling takes a context (one without classes ignores it), as the flow contract allows.
     return step.layers[2](F.conv2d(x, kernel, bias), context, kernels=net_kernels)
@@ -508,7 +494,7 @@ class Level(FlowSequence):
                     folded = zip(kernels, biases, nets, strict=True)
                     pixels = x.shape[2] * x.shape[3]
                 kernel, bias, net_kernels = next(folded)
-                x, ld = layer.couple(x, kernel, bias, context, net_kernels)
+                x, ld = layer.couple_fn(layer, x, kernel, bias, context, net_kernels)
             else:
                 x, ld = run_forward(layer, x, context)
             logdet = ld if logdet is None else logdet + ld
