@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The GPU measurements in one run (about 6 minutes on one H200; its steps' time limits add up to 9.5
-# minutes), for a machine lent for a short session: the fast path's checks, then the benchmarks whose
-# figures benchmarks/README.md records.
+# The GPU measurements in one run (about 6 minutes on one H200; its steps' time limits add up to
+# 10.5 minutes, the last step first to go if a session's limit cuts the run), for a machine lent
+# for a short session: the fast path's checks, then the benchmarks whose figures
+# benchmarks/README.md records.
 # Every result also goes to $OUT (default gpu-results/). Run from the repository root; packages the
 # machine lacks (webdataset, braceexpand, jsonargparse and its helpers, normflows) are installed
 # from wheels in .whl/ when that folder exists (benchmarks/README.md, "On a GPU", says how to get them).
@@ -30,3 +31,4 @@ step 90 paper $py benchmarks/glow_step.py --device cuda --config paper \
 step 150 main_job $py benchmarks/main_job.py --accelerator gpu --variant cuda_graphs eager --no-wandb \
   --json "$out/main_job.json"
 step 60 compile_time $py benchmarks/compile_time.py --device cuda --depths 8 32 --width 512 --modes per-step
+step 60 step_overhead $py benchmarks/step_overhead.py --accelerator gpu --steps 200

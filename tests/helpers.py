@@ -1,4 +1,4 @@
-"""Shared test utilities: brute-force Jacobians and parameter perturbation."""
+"""Shared test utilities: brute-force Jacobians, parameter perturbation, small modules and trainers."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import lightning as L
 import torch
 from torch import Tensor, nn
 
@@ -62,3 +63,15 @@ def glow_module(**options):
     fields = MultiscaleConfig.__dataclass_fields__
     flow = MultiscaleConfig(**{k: v for k, v in options.items() if k in fields})
     return GlowModule(flow, **{k: v for k, v in options.items() if k not in fields})
+
+
+def quiet_trainer(**options) -> L.Trainer:
+    """A CPU ``L.Trainer`` for tests: no logger, checkpoints, progress bar or model summary unless ``options`` say."""
+    defaults = {
+        "accelerator": "cpu",
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+    }
+    return L.Trainer(**{**defaults, **options})

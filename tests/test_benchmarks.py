@@ -222,3 +222,13 @@ def test_mixed_precision_names_a_checkpoint_for_other_data(tmp_path) -> None:
     torch.save({"hyper_parameters": {"flow": model.config.to_dict()}, "state_dict": state}, ckpt)
     with pytest.raises(SystemExit, match=r"cifar\.ckpt.*digits"):
         mixed_precision.measure(ckpt)
+
+
+def test_step_overhead_prints_the_loops_time_and_python_calls() -> None:
+    cmd = [sys.executable, str(BENCHMARKS / "step_overhead.py"), "--steps", "70", "--count", "20"]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=BENCHMARKS).stdout
+    timing, calls = out.strip().splitlines()[-2:]
+    iteration, bare = (float(timing.split(label)[1].split()[0]) for label in ("iteration", "bare step"))
+    assert iteration > 0 and bare > 0 and "(cpu, torch" in timing
+    per_iteration, per_step, added = (int(word) for word in calls.replace(":", "").split() if word.isdigit())
+    assert per_iteration - per_step == added and per_step > 100 and added > 0

@@ -7,12 +7,11 @@ import json
 import time
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import pytest
 import torch
 from datasets import synthetic_npz
-from helpers import glow_module
+from helpers import glow_module, quiet_trainer
 from PIL import Image
 
 import glowlab
@@ -402,15 +401,7 @@ def test_end_to_end_jobs_on_digits(run, tmp_path) -> None:
 def test_conditional_sample_grid_by_class(run, tmp_path) -> None:
     data = ShardDataModule(root=str(run["data"]), batch_size=32)
     module = glow_module(image_shape=(1, 8, 8), n_bins=17, levels=2, steps=1, hidden_channels=8, num_classes=10)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=2,
-        limit_val_batches=0,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-    )
+    trainer = quiet_trainer(max_steps=2, limit_val_batches=0, default_root_dir=tmp_path, enable_checkpointing=True)
     trainer.fit(module, datamodule=data)
     trainer.save_checkpoint(tmp_path / "cond.ckpt")
     main(

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 from datasets import prepared, prepared_digits
-from helpers import glow_module, working_directory
+from helpers import glow_module, quiet_trainer, working_directory
 from PIL import Image
 from torch._dynamo.utils import counters
 
@@ -92,7 +92,7 @@ def test_paper_configs_match_the_paper(tmp_path, monkeypatch, digits_root) -> No
 
 
 def _val_bpd(module: GlowModule, data: ShardDataModule) -> float:
-    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = quiet_trainer(enable_checkpointing=True)
     return trainer.validate(module, datamodule=data, verbose=False)[0]["val_bpd"]
 
 
@@ -199,17 +199,8 @@ def test_class_conditional_training_step_logs_class_loss(digits_root: Path) -> N
     module = glow_module(
         image_shape=(1, 8, 8), n_bins=17, levels=2, steps=2, hidden_channels=16, num_classes=10, warmup_steps=10
     )
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_epochs=1,
-        limit_train_batches=4,
-        limit_val_batches=1,
-        log_every_n_steps=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[Throughput(window=2)],
+    trainer = quiet_trainer(
+        max_epochs=1, limit_train_batches=4, limit_val_batches=1, log_every_n_steps=2, callbacks=[Throughput(window=2)]
     )
     trainer.fit(module, datamodule=data)
     metrics = trainer.logged_metrics
@@ -294,43 +285,51 @@ def compiled_graphs_per_pass(architecture: str) -> list[int]:
 
 
 def test_per_step_values_are_logged_on_the_steps_the_loggers_write(digits_root: Path, tmp_path: Path) -> None:
-    """``train_loss``, ``grad_norm`` and ``nonfinite_steps`` cost Lightning host time per ``self.log``;
-    they are logged on the steps whose metrics Lightning writes, and the written rows are complete."""
+    """Each ``self.log`` costs Lightning host time: per-step values are logged on the steps whose
+    metrics Lightning writes, the epoch mean once at the epoch's end, and the written rows are complete."""
     module = glow_module(image_shape=(1, 8, 8), n_bins=17, levels=2, steps=1, hidden_channels=8)
     calls: list[tuple[int, str]] = []
     log = module.log
     module.log = lambda name, *args, **kwargs: calls.append((module.global_step, name)) or log(name, *args, **kwargs)
-    trainer = L.Trainer(
-        accelerator="cpu",
+    trainer = quiet_trainer(
         max_steps=7,
         log_every_n_steps=3,
+        limit_train_batches=5,
         limit_val_batches=0,
         logger=L.pytorch.loggers.CSVLogger(tmp_path),
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
     )
     trainer.fit(module, datamodule=ShardDataModule(root=str(digits_root), batch_size=32))
-    for name in ("train_loss", "grad_norm", "nonfinite_steps"):
+    for name in ("train_loss", "grad_norm", "nonfinite_steps", "train_bpd_step"):
         assert [step for step, logged in calls if logged == name] == [2, 5], name
-    assert [step for step, logged in calls if logged == "train_bpd"] == list(range(7))  # epoch mean, progress bar
+    # Ends of epoch 0 (5 batches) and of the 2 batches of epoch 1 that reach max_steps.
+    assert [step for step, logged in calls if logged == "train_bpd_epoch"] == [5, 7]
     with open(next(tmp_path.rglob("metrics.csv"))) as f:
-        rows = [row for row in csv.DictReader(f) if row["grad_norm"]]
-    assert [int(row["step"]) for row in rows] == [2, 5]
-    assert all(row["train_loss"] and row["nonfinite_steps"] and row["train_bpd_step"] for row in rows)
+        rows = list(csv.DictReader(f))
+    written = [row for row in rows if row["grad_norm"]]
+    assert [int(row["step"]) for row in written] == [2, 5]
+    assert all(row["train_loss"] and row["nonfinite_steps"] and row["train_bpd_step"] for row in written)
+    assert [int(row["step"]) for row in rows if row["train_bpd_epoch"]] == [4, 6]  # Lightning writes the last step
+
+
+def test_epoch_mean_is_the_mean_over_the_epochs_batches(digits_root: Path) -> None:
+    """``train_bpd_epoch`` (summed on the device, logged once) is the mean of the epoch's batches'
+    bits/dim, each weighted by its size as Lightning's ``on_epoch`` mean weights it."""
+    module = glow_module(image_shape=(1, 8, 8), n_bins=17, levels=2, steps=1, hidden_channels=8)
+    seen: list[tuple[float, int]] = []
+    add = module.epoch_means.add
+    module.epoch_means.add = lambda means, n, epoch: seen.append((float(means["train_bpd"]), n)) or add(means, n, epoch)
+    trainer = quiet_trainer(max_epochs=2, limit_val_batches=0)
+    trainer.fit(module, datamodule=ShardDataModule(root=str(digits_root), batch_size=400))
+    assert [n for _, n in seen] == [400] * 6  # 3 full batches of the 1258 training images an epoch
+    last_epoch = seen[3:]
+    expected = sum(v * n for v, n in last_epoch) / sum(n for _, n in last_epoch)
+    assert float(trainer.logged_metrics["train_bpd_epoch"]) == pytest.approx(expected, rel=1e-6)
+    assert module.epoch_means.count == 1200 and module.epoch_means.epoch == 1  # the second epoch's alone
 
 
 def test_compiled_training_run_writes_a_plain_checkpoint(digits_root: Path, tmp_path: Path) -> None:
     module = glow_module(image_shape=(1, 8, 8), n_bins=17, levels=2, steps=2, hidden_channels=16, compile=True)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=3,
-        limit_val_batches=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-    )
+    trainer = quiet_trainer(max_steps=3, limit_val_batches=1, default_root_dir=tmp_path, enable_checkpointing=True)
     data = ShardDataModule(root=str(digits_root), batch_size=32)
     trainer.fit(module, datamodule=data)
     (metrics,) = trainer.validate(module, datamodule=data, verbose=False)
@@ -343,9 +342,7 @@ def test_compiled_training_run_writes_a_plain_checkpoint(digits_root: Path, tmp_
 
 def test_conditional_model_rejects_unlabelled_or_out_of_range_data(digits_root: Path) -> None:
     module = glow_module(image_shape=(1, 8, 8), n_bins=17, levels=2, steps=1, hidden_channels=8, num_classes=5)
-    trainer = L.Trainer(
-        accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False
-    )
+    trainer = quiet_trainer(max_steps=1)
     with pytest.raises(ValueError, match=r"num_classes=5 but the data has labels up to 9"):
         trainer.fit(module, datamodule=ShardDataModule(root=str(digits_root), batch_size=32))
 
@@ -437,16 +434,7 @@ def test_conditional_transformer_flow_trains_for_guidance_and_samples_with_it(di
     dropped = []
     drop_labels = module.model.drop_labels
     module.model.drop_labels = lambda y, generator=None: dropped.append(drop_labels(y, generator)) or dropped[-1]
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=6,
-        limit_val_batches=1,
-        val_check_interval=3,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = quiet_trainer(max_steps=6, limit_val_batches=1, val_check_interval=3)
     trainer.fit(module, datamodule=data)
     # Training drops about half the labels (to the null label 10); evaluation uses them all.
     assert len(dropped) == 6 and 0.2 < torch.cat(dropped).eq(10).float().mean() < 0.8

@@ -20,6 +20,7 @@ from glowlab.plots import density_panel, plot_bound
 from glowlab.training.callbacks import run_directory
 from glowlab.training.module import (
     OPTIMIZERS,
+    EpochMeans,
     GuardedTraining,
     NonFiniteGuard,
     NonFiniteTraining,
@@ -119,6 +120,7 @@ class DensityModule(GuardedTraining, L.LightningModule):
         self.model = FlowModel.from_config(flow)
         self.eval_metrics = nn.ModuleDict({f"{stage}_nll": MeanMetric() for stage in ("val", "test")})
         self.nonfinite = NonFiniteGuard(max_nonfinite_steps)
+        self.epoch_means = EpochMeans()
         self._step_loss: Tensor | None = None
 
     def _nll(self, batch: list[Tensor]) -> Tensor:
@@ -126,7 +128,7 @@ class DensityModule(GuardedTraining, L.LightningModule):
 
     def training_step(self, batch: list[Tensor], batch_idx: int) -> Tensor:
         loss = self._nll(batch).mean()
-        self.log("train_nll", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=batch[0].shape[0])
+        self.log_training_values({"train_nll": loss}, batch[0].shape[0], "train_nll")
         self._step_loss = loss.detach()
         return loss
 

@@ -82,16 +82,19 @@ def logs_this_step(module: L.LightningModule) -> bool:
 
 
 def configure_clipping(
-    module: L.LightningModule, gradient_clip_val: float | None, algorithm: str | None
+    module: L.LightningModule,
+    gradient_clip_val: float | None,
+    algorithm: str | None,
+    params: list[nn.Parameter] | None = None,
 ) -> Tensor | None:
     """Log the gradient norm (before clipping) and clip, with one multi-tensor pass over the gradients.
 
     Lightning's default clipping computes one norm per parameter tensor on the CPU; this computes
     the total norm once, logs it as ``grad_norm`` and, with ``gradient_clip_val``, clips by it (or by
     value). No value is read back on the host, so it costs a GPU step no synchronisation. Returns
-    the norm (None without gradients).
+    the norm (None without gradients). ``params`` (default: the module's) are those to clip.
     """
-    params = [p for p in module.parameters() if p.grad is not None]
+    params = [p for p in (module.parameters() if params is None else params) if p.grad is not None]
     if not params:
         return None
     grads = [p.grad for p in params]
@@ -164,16 +167,74 @@ def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
     return fused_adam or isinstance(optimizer, Adamax)
 
 
-class GuardedTraining:
-    """The Lightning hooks every glowlab module shares: clipping that feeds the non-finite guard, and
-    checkpoints that refuse non-finite values.
+class EpochMeans:
+    """Training values averaged over an epoch on the device: each batch's mean weighted by its size.
 
-    The module sets ``self.nonfinite`` (a :class:`NonFiniteGuard`) and ``self._step_loss`` (the
-    current step's loss) in its training step.
+    What Lightning's ``self.log(..., on_epoch=True)`` computes, without its per-call host
+    bookkeeping at every step. The sums are device tensors, added to without a host read. They
+    start again with the first batch of another epoch, not when an epoch ends: a checkpoint written
+    at an epoch's end (or at a stop within it) holds them (:meth:`state_dict`), so the mean of an
+    epoch a run was resumed in covers the batches before the stop too.
+    """
+
+    def __init__(self) -> None:
+        self.sums: dict[str, Tensor | float] = {}  # a float: restored from a checkpoint, not yet on a device
+        self.count = 0
+        self.epoch = -1
+
+    def add(self, means: dict[str, Tensor], batch_size: int, epoch: int) -> None:
+        """Add one batch's ``means`` (scalars) of ``batch_size`` examples, a batch of ``epoch``."""
+        if epoch != self.epoch:
+            self.sums, self.count, self.epoch = {}, 0, epoch
+        for name, mean in means.items():
+            total = self.sums.get(name, 0.0)
+            if isinstance(total, Tensor):
+                total.add_(mean.detach(), alpha=batch_size)
+            else:
+                self.sums[name] = mean.detach() * batch_size + total
+        self.count += batch_size
+
+    def means(self) -> dict[str, Tensor | float]:
+        """The epoch's means so far (none before the first batch)."""
+        return {name: total / self.count for name, total in self.sums.items()} if self.count else {}
+
+    def state_dict(self) -> dict[str, Any]:
+        sums = {name: float(total) for name, total in self.sums.items()}
+        return {"sums": sums, "count": self.count, "epoch": self.epoch}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.sums, self.count, self.epoch = dict(state["sums"]), int(state["count"]), int(state["epoch"])
+
+
+class GuardedTraining:
+    """The Lightning hooks every glowlab module shares: clipping that feeds the non-finite guard,
+    checkpoints that refuse non-finite values, and training values logged at little host cost.
+
+    The module sets ``self.nonfinite`` (a :class:`NonFiniteGuard`) and ``self.epoch_means`` (an
+    :class:`EpochMeans`) when built, and ``self._step_loss`` (the current step's loss) in its
+    training step.
     """
 
     nonfinite: NonFiniteGuard
+    epoch_means: EpochMeans
     _step_loss: Tensor | None
+
+    def log_training_values(self, means: dict[str, Tensor], batch_size: int, prog_bar: str) -> None:
+        """Log a training batch's ``means`` as ``NAME_step`` and, at the epoch's end, ``NAME_epoch``.
+
+        Each ``self.log`` costs Lightning's result bookkeeping host time (about 0.5 ms on a 2-core
+        CPU), which a GPU step bound by its host cannot hide: the per-step values are logged only on
+        the steps the loggers write (:func:`logs_this_step`), and the epoch means are summed on the
+        device (:class:`EpochMeans`). ``prog_bar`` names the value the progress bar shows.
+        """
+        self.epoch_means.add(means, batch_size, self.current_epoch)
+        if logs_this_step(self):
+            for name, mean in means.items():
+                self.log(f"{name}_step", mean, on_step=True, on_epoch=False, prog_bar=name == prog_bar)
+
+    def on_train_epoch_end(self) -> None:
+        for name, mean in self.epoch_means.means().items():
+            self.log(f"{name}_epoch", mean, on_step=False, on_epoch=True)
 
     def configure_gradient_clipping(
         self,
@@ -181,12 +242,21 @@ class GuardedTraining:
         gradient_clip_val: float | None = None,
         gradient_clip_algorithm: str | None = None,
     ) -> None:
-        norm = configure_clipping(self, gradient_clip_val, gradient_clip_algorithm)
+        params = getattr(self, "_gradient_params", None)
+        if params is None:
+            # Walking the module tree for its parameters was most of a small model's clipping host time.
+            params = self._gradient_params = list(self.parameters())
+        norm = configure_clipping(self, gradient_clip_val, gradient_clip_algorithm, params)
         if norm is not None and self._step_loss is not None:
             self.nonfinite(self, optimizer, self._step_loss, norm)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         refuse_nonfinite(checkpoint["state_dict"])
+        checkpoint["train_epoch_means"] = self.epoch_means.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "train_epoch_means" in checkpoint:
+            self.epoch_means.load_state_dict(checkpoint["train_epoch_means"])
 
 
 class WeightAverage(nn.Module):
@@ -291,6 +361,7 @@ class GlowModule(GuardedTraining, L.LightningModule):
         self._eager_steps = 0
         self._said: set[str] = set()
         self.nonfinite = NonFiniteGuard(max_nonfinite_steps)
+        self.epoch_means = EpochMeans()
         self._step_loss: Tensor | None = None
         # "emulated" replays run the step eagerly into the graph's tensors: the CPU tests use it.
         self.capture_backend = "cuda"
@@ -377,16 +448,8 @@ class GlowModule(GuardedTraining, L.LightningModule):
         graph = self._training_graph(x, y)
         self._replayed = graph is not None
         loss, values = graph.replay(x, y) if graph is not None else self.losses(x, y, self._levels(batch))
-        for name, value in values.items():
-            self.log(
-                f"train_{name}",
-                value.mean(),
-                on_step=True,
-                on_epoch=True,
-                batch_size=x.shape[0],
-                prog_bar=name == "bpd",
-            )
-        if logs_this_step(self):  # train_bpd is logged every step: its epoch mean and the progress bar need it
+        self.log_training_values({f"train_{k}": v.mean() for k, v in values.items()}, x.shape[0], "train_bpd")
+        if logs_this_step(self):
             self.log("train_loss", loss, on_step=True, on_epoch=False)
         self._step_loss = loss.detach()
         return loss
@@ -494,6 +557,7 @@ class GlowModule(GuardedTraining, L.LightningModule):
             self.log("data_skipped", float(skipped), reduce_fx="sum", sync_dist=True)
 
     def on_train_epoch_end(self) -> None:
+        super().on_train_epoch_end()
         self._log_skipped()
 
     def on_validation_epoch_end(self) -> None:
@@ -513,6 +577,7 @@ class GlowModule(GuardedTraining, L.LightningModule):
             checkpoint["ema_updates"] = self.ema.updates
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
         if self.ema is not None:
             self.ema.updates = int(checkpoint.get("ema_updates", 0))
 
