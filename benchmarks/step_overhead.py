@@ -35,11 +35,11 @@ from typing import Any
 
 import lightning as L
 import torch
+from main_job import CSV_ONLY
+
+from glowlab.likelihood import dequantize
 
 ROOT = Path(__file__).resolve().parents[1]
-CSV_ONLY = (
-    '[{"class_path": "glowlab.training.ResumableCSVLogger", "init_args": {"save_dir": "runs", "name": "digits"}}]'
-)
 RESULT = "GLOWLAB_STEP_OVERHEAD_JSON"  # where the callback writes its figures (the process's environment)
 
 
@@ -122,7 +122,7 @@ class StepOverhead(L.Callback):
             "calls_per_bare_step": bare_calls,
             "device": str(pl_module.device),
         }
-        Path(os.environ[RESULT]).write_text(json.dumps(result))
+        Path(os.environ[RESULT]).write_text(json.dumps(result, allow_nan=False))
 
 
 def bare_step(trainer: L.Trainer, module: L.LightningModule) -> tuple[float, float]:
@@ -131,8 +131,6 @@ def bare_step(trainer: L.Trainer, module: L.LightningModule) -> tuple[float, flo
     datamodule = trainer.datamodule
     batch = next(iter(datamodule.train_dataloader()))
     levels = batch[0].to(module.device)
-    from glowlab.likelihood import dequantize
-
     x = dequantize(levels, datamodule.n_bins, generator=torch.Generator(device=module.device).manual_seed(0))
 
     def step() -> None:

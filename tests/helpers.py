@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -63,6 +64,17 @@ def glow_module(**options):
     fields = MultiscaleConfig.__dataclass_fields__
     flow = MultiscaleConfig(**{k: v for k, v in options.items() if k in fields})
     return GlowModule(flow, **{k: v for k, v in options.items() if k not in fields})
+
+
+class SignalAfterStep(L.Callback):
+    """Sends this process ``signum`` (default SIGTERM, as a cluster stopping a job does) after training step ``at``."""
+
+    def __init__(self, at: int, signum: int = signal.SIGTERM) -> None:
+        self.at, self.signum = at, signum
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.at:
+            os.kill(os.getpid(), self.signum)
 
 
 def quiet_trainer(**options) -> L.Trainer:

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 from datasets import prepared, synthetic_npz
-from helpers import glow_module, working_directory
+from helpers import SignalAfterStep, glow_module, working_directory
 from torch.utils.data import DataLoader, TensorDataset
 
 import glowlab
@@ -251,17 +251,6 @@ def test_checkpoints_are_written_beside_their_target(tmp_path, monkeypatch) -> N
     assert torch.load(target, weights_only=True)["state_dict"]["w"].tolist() == [1.0, 1.0]
 
 
-class _Signal(L.Callback):
-    """Sends this process a signal after the given training batch."""
-
-    def __init__(self, signum: int, at: int) -> None:
-        self.signum, self.at = signum, at
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.global_step == self.at:
-            os.kill(os.getpid(), self.signum)
-
-
 @pytest.mark.parametrize("signum", [signal.SIGUSR1, signal.SIGTERM])
 def test_a_signal_outside_slurm_checkpoints_into_the_run_folder_and_stops(signum, tmp_path, monkeypatch) -> None:
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
@@ -274,7 +263,7 @@ def test_a_signal_outside_slurm_checkpoints_into_the_run_folder_and_stops(signum
         logger=logger,
         enable_progress_bar=False,
         enable_checkpointing=False,
-        callbacks=[preemption, _Signal(signum, at=3)],
+        callbacks=[preemption, SignalAfterStep(at=3, signum=signum)],
     )
     trainer.fit(module, DataLoader(TensorDataset(torch.rand(64, 1, 8, 8) - 0.5), batch_size=8))
     saved = Path(logger.log_dir) / "checkpoints" / "preempted.ckpt"

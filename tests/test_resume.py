@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import signal
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
 from datasets import prepared_digits
-from helpers import glow_module
+from helpers import SignalAfterStep, glow_module, quiet_trainer
 
 from glowlab.training import GlowCheckpoint, GlowModule, Preemption, ShardDataModule
 
@@ -26,17 +24,6 @@ class Recorder(L.Callback):
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         if "train_bpd_epoch" in trainer.callback_metrics:
             self.epoch_means.append(float(trainer.callback_metrics["train_bpd_epoch"]))
-
-
-class Terminate(L.Callback):
-    """Sends this process SIGTERM after training step ``at``, as a cluster stopping the job does."""
-
-    def __init__(self, at: int) -> None:
-        self.at = at
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.global_step == self.at:
-            os.kill(os.getpid(), signal.SIGTERM)
 
 
 def fit(
@@ -60,15 +47,12 @@ def fit(
         **options,
     )
     recorder = Recorder()
-    trainer = L.Trainer(
-        accelerator="cpu",
+    trainer = quiet_trainer(
         max_steps=max_steps,
         accumulate_grad_batches=accumulate,
         limit_val_batches=0,
         num_sanity_val_steps=0,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
+        enable_checkpointing=True,
         callbacks=[recorder, GlowCheckpoint(dirpath=ckpt_dir, save_top_k=0, save_last=True), *callbacks],
         default_root_dir=ckpt_dir,
     )
@@ -118,7 +102,7 @@ def test_a_preempted_and_resumed_run_reports_the_whole_epochs_mean(digits, tmp_p
     are in the checkpoint. (Lightning's own epoch accumulation would restart empty.)"""
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
     _, reference = fit(digits, tmp_path / "a", 50)
-    _, first = fit(digits, tmp_path / "b", 50, callbacks=(Preemption(), Terminate(at=21)))
+    _, first = fit(digits, tmp_path / "b", 50, callbacks=(Preemption(), SignalAfterStep(at=21)))
     checkpoint = tmp_path / "b" / "checkpoints" / "preempted.ckpt"
     assert 21 <= torch.load(checkpoint, weights_only=False)["global_step"] < 39  # within the first epoch
     _, resumed = fit(digits, tmp_path / "b2", 50, resume=checkpoint)

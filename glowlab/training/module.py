@@ -222,8 +222,8 @@ class GuardedTraining:
     def log_training_values(self, means: dict[str, Tensor], batch_size: int, prog_bar: str) -> None:
         """Log a training batch's ``means`` as ``NAME_step`` and, at the epoch's end, ``NAME_epoch``.
 
-        Each ``self.log`` costs Lightning's result bookkeeping host time (about 0.7 ms and 800
-        Python calls on a 2-core CPU), which a GPU step bound by its host cannot hide: the per-step
+        Each ``self.log`` costs Lightning's result bookkeeping host time (about 0.7 ms on a 2-core
+        CPU), which a GPU step bound by its host cannot hide: the per-step
         values are logged only on the steps the loggers write (:func:`logs_this_step`), and the
         epoch means are summed on the device (:class:`EpochMeans`). ``prog_bar`` names the value the
         progress bar shows.
