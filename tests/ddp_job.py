@@ -17,17 +17,24 @@ from glowlab.training import ShardDataModule
 
 
 class Recorder(L.Callback):
-    """Sample indices of every batch, per training epoch and for the test pass."""
+    """Sample indices of every batch, per training epoch and for the test pass; this process's own
+    sums of the training values at each epoch's end."""
 
     def __init__(self) -> None:
         self.train: list[list[int]] = []
         self.test: list[int] = []
+        self.epoch_sums: list[dict] = []
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.train.append([])
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self.train[-1] += batch[2].tolist()
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Callbacks run before the module's hook, which logs the mean over the processes.
+        means = pl_module.epoch_means
+        self.epoch_sums.append({"sums": {k: float(v) for k, v in means.sums.items()}, "count": means.count})
 
     def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
         self.test += batch[2].tolist()
@@ -69,6 +76,9 @@ def main(
         callbacks=[recorder],
     )
     trainer.fit(model, datamodule=data)
+    train_bpd_epoch = float(trainer.callback_metrics["train_bpd_epoch"])
+    trainer.save_checkpoint(Path(out, "end.ckpt"))  # every process, as Lightning's checkpoints are written
+    saved_means = torch.load(Path(out, "end.ckpt"), weights_only=False)["train_epoch_means"]
     test_bpd = trainer.test(model, datamodule=data, verbose=False)[0]["test_bpd"]
     rank = trainer.global_rank
     actnorm = model.model.levels[0].layers[1].layers[0]  # first flow step's ActNorm
@@ -76,6 +86,9 @@ def main(
         "train": recorder.train,
         "test": recorder.test,
         "test_bpd": test_bpd,
+        "epoch_sums": recorder.epoch_sums,
+        "train_bpd_epoch": train_bpd_epoch,
+        "saved_epoch_means": saved_means,
         "actnorm_bias": actnorm.bias.flatten().tolist(),
         # Replicas stay equal only if every gradient was all-reduced (a weight average's copy included).
         "parameters": torch.cat([p.detach().flatten() for p in model.parameters()]).tolist(),

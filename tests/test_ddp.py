@@ -50,6 +50,19 @@ def test_training_ranks_see_disjoint_shards_and_equal_batches(ddp_run) -> None:
     assert first[0] and first[1] and not first[0] & first[1]
 
 
+def test_training_epoch_mean_and_its_checkpoint_cover_every_processs_batches(ddp_run) -> None:
+    _, _, ranks = ddp_run
+    last = [r["epoch_sums"][-1] for r in ranks]  # each process's own sums over the last epoch
+    assert [part["count"] for part in last] == [320, 320]
+    total = sum(part["sums"]["train_bpd"] for part in last)
+    assert ranks[0]["train_bpd_epoch"] == ranks[1]["train_bpd_epoch"] == pytest.approx(total / 640, rel=1e-6)
+    own = last[0]["sums"]["train_bpd"] / 320
+    assert abs(own - total / 640) > 1e-4  # the processes' batches differ: rank 0's mean alone is another figure
+    saved = ranks[0]["saved_epoch_means"]
+    assert saved["count"] == 640 and saved["epoch"] == 1
+    assert saved["sums"]["train_bpd"] == pytest.approx(total, rel=1e-6)
+
+
 def test_actnorm_initialisation_is_identical_on_every_rank(ddp_run) -> None:
     _, _, ranks = ddp_run
     assert ranks[0]["actnorm_bias"] == ranks[1]["actnorm_bias"]

@@ -25,6 +25,7 @@ from glowlab.jobs.classifier import train_classifier
 from glowlab.models import Glow, MultiscaleConfig, image_flow
 from glowlab.training import GlowModule, SampleGrid, ShardDataModule, Throughput
 from glowlab.training.cli import GlowCLI
+from glowlab.training.module import EpochMeans
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
@@ -325,6 +326,37 @@ def test_epoch_mean_is_the_mean_over_the_epochs_batches(digits_root: Path) -> No
     expected = sum(v * n for v, n in last_epoch) / sum(n for _, n in last_epoch)
     assert float(trainer.logged_metrics["train_bpd_epoch"]) == pytest.approx(expected, rel=1e-6)
     assert module.epoch_means.count == 1200 and module.epoch_means.epoch == 1  # the second epoch's alone
+
+
+def test_epoch_means_over_processes_count_every_batch_once_across_a_resume() -> None:
+    """Under DDP the mean is over every process's batches, and a checkpoint's sums (of all
+    processes) are restored on one process only, so a resumed epoch counts them once. Two
+    processes simulated: process 0's ``reduce`` adds what process 1 holds."""
+
+    def batch(value: float) -> dict[str, torch.Tensor]:
+        return {"train_bpd": torch.tensor(value)}
+
+    first, second = EpochMeans(), EpochMeans()
+    first.add(batch(1.0), 4, epoch=3)
+    second.add(batch(2.0), 4, epoch=3)
+    second.add(batch(5.0), 2, epoch=3)
+    held: dict[str, torch.Tensor] = {}
+    second.state_dict(lambda totals: held.setdefault("second", totals.clone()))  # process 1's part of the collective
+    saved = first.state_dict(lambda totals: totals + held["second"])
+    assert saved == {"sums": {"train_bpd": 4.0 + 8.0 + 10.0}, "count": 10, "epoch": 3}
+    assert first.means() == {"train_bpd": 1.0}  # one process's own mean, without the sum over processes
+
+    resumed = [EpochMeans(), EpochMeans()]
+    resumed[0].load_state_dict(saved, keep=True)
+    resumed[1].load_state_dict(saved, keep=False)
+    assert resumed[1].sums == {"train_bpd": 0.0} and resumed[1].count == 0 and resumed[1].epoch == 3
+    resumed[0].add(batch(3.0), 4, epoch=3)
+    resumed[1].add(batch(4.0), 4, epoch=3)
+    resumed[1].means(lambda totals: held.__setitem__("second", totals.clone()) or totals)
+    means = resumed[0].means(lambda totals: totals + held["second"])
+    assert means["train_bpd"].item() == pytest.approx((22.0 + 12.0 + 16.0) / 18)
+    resumed[0].add(batch(7.0), 4, epoch=4)  # another epoch starts afresh
+    assert resumed[0].means() == {"train_bpd": 7.0}
 
 
 def test_compiled_training_run_writes_a_plain_checkpoint(digits_root: Path, tmp_path: Path) -> None:

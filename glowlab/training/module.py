@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from typing import Any, Literal
 
 import lightning as L
@@ -24,6 +25,8 @@ OPTIMIZERS = {"adam": torch.optim.Adam, "adamax": Adamax}
 # Their names as a type, so that `glowlab fit --help` lists them and the parser refuses others
 # (tests/test_help.py checks it names exactly the entries of OPTIMIZERS).
 OptimizerName = Literal["adam", "adamax"]
+# A tensor summed over the DDP processes (every process gets the sum).
+SumOverProcesses = Callable[[Tensor], Tensor]
 
 
 def optimizer_with_warmup(module: nn.Module, hp: Any, loss_scaling: bool = False) -> dict[str, Any]:
@@ -174,7 +177,9 @@ class EpochMeans:
     bookkeeping at every step. The sums are device tensors, added to without a host read. They
     start again with the first batch of another epoch, not when an epoch ends: a checkpoint written
     at an epoch's end (or at a stop within it) holds them (:meth:`state_dict`), so the mean of an
-    epoch a run was resumed in covers the batches before the stop too.
+    epoch a run was resumed in covers the batches before the stop too. Under DDP each process sums
+    its own batches; ``reduce`` (a sum over the processes) makes the mean and the checkpoint's sums
+    those of every process's batches.
     """
 
     def __init__(self) -> None:
@@ -194,16 +199,36 @@ class EpochMeans:
                 self.sums[name] = mean.detach() * batch_size + total
         self.count += batch_size
 
-    def means(self) -> dict[str, Tensor | float]:
-        """The epoch's means so far (none before the first batch)."""
-        return {name: total / self.count for name, total in self.sums.items()} if self.count else {}
+    def _totals(self, reduce: SumOverProcesses | None) -> tuple[dict[str, Tensor | float], float]:
+        if reduce is None:
+            return self.sums, self.count
+        # One collective for every value: the sums and the count stacked, in float64 so that a count
+        # and a sum over many batches stay exact. Every process holds the same names in the same
+        # order (a process restored without sums holds zeros under the same names).
+        names = sorted(self.sums)
+        device = next((s.device for s in self.sums.values() if isinstance(s, Tensor)), None)
+        stacked = torch.tensor([0.0] * len(names) + [float(self.count)], dtype=torch.float64, device=device)
+        for i, name in enumerate(names):
+            stacked[i] = self.sums[name]
+        stacked = reduce(stacked)
+        return dict(zip(names, stacked[:-1], strict=True)), float(stacked[-1])
 
-    def state_dict(self) -> dict[str, Any]:
-        sums = {name: float(total) for name, total in self.sums.items()}
-        return {"sums": sums, "count": self.count, "epoch": self.epoch}
+    def means(self, reduce: SumOverProcesses | None = None) -> dict[str, Tensor | float]:
+        """The epoch's means so far (none before the first batch); over every process's batches with ``reduce``."""
+        sums, count = self._totals(reduce)
+        return {name: total / count for name, total in sums.items()} if count else {}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.sums, self.count, self.epoch = dict(state["sums"]), int(state["count"]), int(state["epoch"])
+    def state_dict(self, reduce: SumOverProcesses | None = None) -> dict[str, Any]:
+        """The sums and count so far, of every process's batches with ``reduce``."""
+        sums, count = self._totals(reduce)
+        return {"sums": {name: float(total) for name, total in sums.items()}, "count": int(count), "epoch": self.epoch}
+
+    def load_state_dict(self, state: dict[str, Any], keep: bool = True) -> None:
+        """Restore :meth:`state_dict`'s sums; with ``keep=False`` (every process but one under DDP)
+        the same names at zero, so the saved batches are counted once whatever the number of processes."""
+        sums, count = dict(state["sums"]), int(state["count"])
+        self.sums = sums if keep else dict.fromkeys(sums, 0.0)
+        self.count, self.epoch = count if keep else 0, int(state["epoch"])
 
 
 class GuardedTraining:
@@ -233,9 +258,20 @@ class GuardedTraining:
             for name, mean in means.items():
                 self.log(f"{name}_step", mean, on_step=True, on_epoch=False, prog_bar=name == prog_bar)
 
+    def _sum_over_processes(self) -> SumOverProcesses | None:
+        """A sum over the DDP processes, or None in a single process."""
+        if self._trainer is None or self.trainer.world_size == 1:
+            return None
+        strategy, device = self.trainer.strategy, self.device
+        return lambda totals: strategy.reduce(totals.to(device), reduce_op="sum")  # NCCL reduces device tensors
+
     def on_train_epoch_end(self) -> None:
-        for name, mean in self.epoch_means.means().items():
-            self.log(f"{name}_epoch", mean, on_step=False, on_epoch=True)
+        reduce = self._sum_over_processes()
+        # Under DDP every process logs the same mean of all processes' batches; Lightning's
+        # cross-process reduction of equal values by max returns the value itself.
+        sync = {} if reduce is None else {"sync_dist": True, "reduce_fx": "max"}
+        for name, mean in self.epoch_means.means(reduce).items():
+            self.log(f"{name}_epoch", mean, on_step=False, on_epoch=True, **sync)
 
     def configure_gradient_clipping(
         self,
@@ -253,11 +289,12 @@ class GuardedTraining:
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         refuse_nonfinite(checkpoint["state_dict"])
-        checkpoint["train_epoch_means"] = self.epoch_means.state_dict()
+        # Every DDP process writes a checkpoint's dictionary (rank 0 saves it), so the sum is collective.
+        checkpoint["train_epoch_means"] = self.epoch_means.state_dict(self._sum_over_processes())
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if "train_epoch_means" in checkpoint:
-            self.epoch_means.load_state_dict(checkpoint["train_epoch_means"])
+            self.epoch_means.load_state_dict(checkpoint["train_epoch_means"], keep=self.global_rank == 0)
 
 
 class WeightAverage(nn.Module):
