@@ -8,6 +8,7 @@ import json
 import math
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -208,6 +209,22 @@ def test_class_conditional_training_step_logs_class_loss(digits_root: Path) -> N
     assert {"train_bpd_step", "train_class_bits_step", "grad_norm", "val_bpd", "val_class_acc"} <= set(metrics)
     assert metrics["throughput/images_per_sec"] > 0 and metrics["throughput/images_per_sec_per_device"] > 0
     assert torch.isfinite(metrics["grad_norm"])
+
+
+def test_throughput_leaves_validation_out_of_its_window(digits_root: Path) -> None:
+    class SlowValidation(L.Callback):
+        def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+            time.sleep(2.0)
+
+    module = glow_module(image_shape=(1, 8, 8), n_bins=17, levels=1, steps=1, hidden_channels=4)
+    # 4 steps an epoch, validation after each: the first window (the clock starts at the end of the
+    # first batch) spans steps 1-3, the 2 s validation and the next epoch's first step.
+    trainer = quiet_trainer(
+        max_epochs=2, limit_train_batches=4, limit_val_batches=1, callbacks=[Throughput(window=4), SlowValidation()]
+    )
+    trainer.fit(module, datamodule=ShardDataModule(root=str(digits_root), batch_size=32))
+    rate = float(trainer.callback_metrics["throughput/images_per_sec"])
+    assert rate > 4 * 32 / 1.0  # 4 batches of 32 in under a second: the 2 s are not in the window
 
 
 @pytest.mark.parametrize("backprop", ["standard", "invertible"])

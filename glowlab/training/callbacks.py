@@ -132,6 +132,8 @@ class Throughput(L.Callback):
 
     Images are counted from the micro-batches each rank sees times the number of ranks; the time is
     wall clock between optimizer steps, so it includes data loading, forward, backward and the step.
+    Validation within a window, and what runs with it (checkpoints, sample grids), is left out of
+    the time: it would make a training rate depend on how often a run validates.
 
     References: Kingma & Dhariwal, "Glow: Generative Flow with Invertible 1x1 Convolutions", 2018.
     """
@@ -141,6 +143,18 @@ class Throughput(L.Callback):
         self._start: float | None = None
         self._images = 0
         self._steps = 0
+        self._paused: float | None = None  # when validation within a window started
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._start is not None and trainer.state.fn == "fit":  # not a validate() run after fit
+            self._paused = time.perf_counter()
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
+        # The window resumes with the next training batch: its start moves later by the time spent
+        # since validation started (checkpoints are written after validation's own end hooks).
+        if self._paused is not None and self._start is not None:
+            self._start += time.perf_counter() - self._paused
+        self._paused = None
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int
