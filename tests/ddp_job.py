@@ -24,6 +24,7 @@ class Recorder(L.Callback):
         self.train: list[list[int]] = []
         self.test: list[int] = []
         self.epoch_sums: list[dict] = []
+        self.ddp_reduces: bool | None = None  # whether DDP's own gradient reduction was on at the end
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.train.append([])
@@ -35,6 +36,9 @@ class Recorder(L.Callback):
         # Callbacks run before the module's hook, which logs the mean over the processes.
         means = pl_module.epoch_means
         self.epoch_sums.append({"sums": {k: float(v) for k, v in means.sums.items()}, "count": means.count})
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.ddp_reduces = trainer.strategy.model.require_backward_grad_sync
 
     def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
         self.test += batch[2].tolist()
@@ -60,7 +64,7 @@ def main(
         cuda_graphs=cuda_graphs,
         **({"ema_decay": 0.9, "dequantization": "variational", "dequantization_steps": 2} if ema_variational else {}),
     )
-    model.capture_backend = "emulated"  # a capture would be possible on this CPU: DDP must refuse it
+    model.capture_backend = "emulated"  # the capture's bookkeeping on a CPU, under DDP
     recorder = Recorder()
     trainer = L.Trainer(
         accelerator="cpu",
@@ -95,6 +99,7 @@ def main(
         "averaged": model.ema is not None and model.ema.updates,
         "messages": sorted(model._said),
         "captured": model._graph is not None,
+        "ddp_reduces": recorder.ddp_reduces,
     }
     Path(out, f"rank{rank}.json").write_text(json.dumps(record))
     if rank == 0:

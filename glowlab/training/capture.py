@@ -166,3 +166,26 @@ class CapturedStep:
                 if g is not None:
                     g.copy_(p.grad)
                     p.grad = g
+
+
+def average_gradients(params: Sequence[nn.Parameter]) -> None:
+    """Average the parameters' gradients over the ``torch.distributed`` processes, as DDP does.
+
+    DDP averages gradients from autograd hooks as backward runs, and a replayed graph runs no
+    autograd; with DDP's own reduction off, this does it after the step's backward pass (replayed
+    or eager): every gradient of a dtype in one buffer, one all-reduce, divided by the number of
+    processes. Every process must hold gradients for the same parameters.
+
+    References: Li et al., "PyTorch Distributed: Experiences on Accelerating Data Parallel Training", 2020.
+    """
+    world = torch.distributed.get_world_size()
+    by_dtype: dict[torch.dtype, list[Tensor]] = {}
+    for p in params:
+        if p.grad is not None:
+            by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
+    for grads in by_dtype.values():
+        flat = torch.cat([g.reshape(-1) for g in grads])  # (sum of numels,), in each gradient's logical order
+        torch.distributed.all_reduce(flat)
+        flat.div_(world)
+        chunks = flat.split([g.numel() for g in grads])
+        torch._foreach_copy_(grads, [c.view(g.shape) for c, g in zip(chunks, grads, strict=True)])

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 from torchmetrics import MeanMetric
 
 from glowlab.console import glowlab_logger
@@ -19,7 +20,7 @@ from glowlab.flows.base import check_option
 from glowlab.likelihood import bits_per_dim, variational_bits_per_dim
 from glowlab.models import MultiscaleConfig, image_flow
 from glowlab.optim import Adamax
-from glowlab.training.capture import CapturedStep, first_line
+from glowlab.training.capture import CapturedStep, average_gradients, first_line
 
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamax": Adamax}
 # Their names as a type, so that `glowlab fit --help` lists them and the parser refuses others
@@ -279,13 +280,16 @@ class GuardedTraining:
         gradient_clip_val: float | None = None,
         gradient_clip_algorithm: str | None = None,
     ) -> None:
+        norm = configure_clipping(self, gradient_clip_val, gradient_clip_algorithm, self._trained_parameters())
+        if norm is not None and self._step_loss is not None:
+            self.nonfinite(self, optimizer, self._step_loss, norm)
+
+    def _trained_parameters(self) -> list[nn.Parameter]:
         params = getattr(self, "_gradient_params", None)
         if params is None:
             # Walking the module tree for its parameters was most of a small model's clipping host time.
             params = self._gradient_params = list(self.parameters())
-        norm = configure_clipping(self, gradient_clip_val, gradient_clip_algorithm, params)
-        if norm is not None and self._step_loss is not None:
-            self.nonfinite(self, optimizer, self._step_loss, norm)
+        return params
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         refuse_nonfinite(checkpoint["state_dict"])
@@ -356,10 +360,12 @@ class GlowModule(GuardedTraining, L.LightningModule):
       after two eager steps, and replays it for every batch of the captured shape
       (:class:`~glowlab.training.capture.CapturedStep`); the optimizer step, gradient clipping and
       the learning-rate schedule run outside it as usual. Where a capture would be wrong it is not
-      made and one line says why: not on a CUDA device, more than one process (DDP reduces
-      gradients from hooks a replay does not run), gradient accumulation, 16-bit loss scaling;
-      a batch of another shape runs eagerly; a capture that fails (an operator it cannot record)
-      leaves the run training eagerly. Opt-in until it has been measured on a GPU.
+      made and one line says why: not on a CUDA device, a distributed strategy other than DDP,
+      gradient accumulation, 16-bit loss scaling; a batch of another shape runs eagerly. Under DDP,
+      whose reduction runs from autograd hooks that a replay does not run, the gradients are
+      averaged over the processes after each step in one all-reduce outside the graph. A capture
+      that fails (an operator it cannot record) leaves the run training eagerly. Opt-in until it
+      has been measured on a GPU.
 
     References: Kingma & Dhariwal, "Glow: Generative Flow with Invertible 1x1 Convolutions", 2018.
     """
@@ -396,6 +402,7 @@ class GlowModule(GuardedTraining, L.LightningModule):
         self._graph: CapturedStep | None = None
         self._capture_error: str | None = None  # why a capture failed: the run then trains eagerly
         self._replayed = False  # whether this training step's gradients came from the graph
+        self._average_gradients = False  # DDP's own reduction is off (a graph was captured): average here
         self._eager_steps = 0
         self._said: set[str] = set()
         self.nonfinite = NonFiniteGuard(max_nonfinite_steps)
@@ -497,6 +504,11 @@ class GlowModule(GuardedTraining, L.LightningModule):
             return  # the replayed graph has already run this batch's backward pass
         super().backward(loss, *args, **kwargs)
 
+    def on_after_backward(self) -> None:
+        # Before clipping and the optimizer step, as DDP's reduction would be.
+        if self._average_gradients:
+            average_gradients(self._trained_parameters())
+
     def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer: torch.optim.Optimizer) -> None:
         # Lightning zeroes gradients after training_step; a replay has just written this batch's.
         if not self._replayed:
@@ -531,6 +543,13 @@ class GlowModule(GuardedTraining, L.LightningModule):
                 p.grad = None  # the failed warm-up's or capture's gradients are no batch's
             self._say(f"cuda_graphs: training runs eagerly: {self._why_not_capture(x)}")
             return None
+        if self.trainer.world_size > 1:
+            # DDP reduces gradients from autograd hooks, which a replay does not run: its reduction is
+            # off for the rest of the run (set before this step's DDP forward ends, so it expects no
+            # hooks), and on_after_backward averages the gradients of every step, replayed or eager,
+            # in one collective outside the graph.
+            self.trainer.strategy.model.require_backward_grad_sync = False
+            self._average_gradients = True
         self._say(
             f"cuda_graphs: training step captured for batches of shape {tuple(x.shape)} "
             f"in {self._graph.capture_seconds:.1f} s"
@@ -543,10 +562,10 @@ class GlowModule(GuardedTraining, L.LightningModule):
         trainer = self.trainer
         if self.capture_backend == "cuda" and x.device.type != "cuda":
             return f"it needs a CUDA device and this run is on {x.device.type}"
-        if trainer.world_size > 1:
+        if trainer.world_size > 1 and not isinstance(trainer.strategy.model, DistributedDataParallel):
             return (
-                f"{trainer.world_size} processes: DDP reduces gradients from backward hooks, which a replayed "
-                "graph does not run"
+                f"{trainer.world_size} processes under {type(trainer.strategy).__name__}: a replayed graph's "
+                "gradients are averaged over processes for DDP only"
             )
         if trainer.accumulate_grad_batches > 1:
             return (
