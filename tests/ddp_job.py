@@ -1,6 +1,6 @@
 """A 2-process DDP run on CPU (gloo), started by test_ddp.py: records what each rank read.
 
-Usage: python tests/ddp_job.py DATA_ROOT OUT_DIR [--compile] [--cuda-graphs] [--ema-variational]
+Usage: python tests/ddp_job.py DATA_ROOT OUT_DIR [--compile] [--cuda-graphs] [--ema-variational] [--poison-one-loss]
 """
 
 from __future__ import annotations
@@ -45,7 +45,12 @@ class Recorder(L.Callback):
 
 
 def main(
-    root: str, out: str, compile_model: bool = False, cuda_graphs: bool = False, ema_variational: bool = False
+    root: str,
+    out: str,
+    compile_model: bool = False,
+    cuda_graphs: bool = False,
+    ema_variational: bool = False,
+    poison_one_loss: bool = False,
 ) -> None:
     L.seed_everything(0)
     data = ShardDataModule(
@@ -65,6 +70,17 @@ def main(
         **({"ema_decay": 0.9, "dequantization": "variational", "dequantization_steps": 2} if ema_variational else {}),
     )
     model.capture_backend = "emulated"  # the capture's bookkeeping on a CPU, under DDP
+    if poison_one_loss:
+        losses = model.losses
+
+        def poisoned(*args, **kwargs):
+            # At step 5 on rank 1 only, a loss that is not finite while its gradients are.
+            loss, values = losses(*args, **kwargs)
+            if model.training and model.global_rank == 1 and model.global_step == 5:
+                loss = loss + float("inf")
+            return loss, values
+
+        model.losses = poisoned
     recorder = Recorder()
     trainer = L.Trainer(
         accelerator="cpu",
@@ -100,6 +116,7 @@ def main(
         "messages": sorted(model._said),
         "captured": model._graph is not None,
         "ddp_reduces": recorder.ddp_reduces,
+        "skipped_steps": int(model.nonfinite.total),
     }
     Path(out, f"rank{rank}.json").write_text(json.dumps(record))
     if rank == 0:
@@ -114,4 +131,5 @@ if __name__ == "__main__":
         compile_model="--compile" in options,
         cuda_graphs="--cuda-graphs" in options,
         ema_variational="--ema-variational" in options,
+        poison_one_loss="--poison-one-loss" in options,
     )

@@ -99,6 +99,13 @@ def test_weight_average_and_variational_dequantization_stay_equal_across_ranks(d
     assert ranks[0]["test_bpd"] == ranks[1]["test_bpd"]
 
 
+def test_a_loss_not_finite_on_one_process_skips_the_step_on_every_process(ddp_run, tmp_path) -> None:
+    root, _, eager = ddp_run
+    ranks = run_ddp_job(root, tmp_path, "--poison-one-loss")
+    assert ranks[0]["skipped_steps"] == ranks[1]["skipped_steps"] == 1 and eager[0]["skipped_steps"] == 0
+    assert ranks[0]["parameters"] == ranks[1]["parameters"]  # the replicas did not drift apart
+
+
 def test_test_pass_covers_each_sample_exactly_once(ddp_run) -> None:
     root, out, ranks = ddp_run
     seen = ranks[0]["test"] + ranks[1]["test"]

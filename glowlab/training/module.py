@@ -139,6 +139,14 @@ class NonFiniteGuard:
 
     def __call__(self, module: L.LightningModule, optimizer: torch.optim.Optimizer, loss: Tensor, norm: Tensor) -> None:
         bad = ~(torch.isfinite(norm) & torch.isfinite(loss))
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # The norm is of the gradients averaged over the processes, the loss is this process's
+            # own: a loss that is not finite on one process only (a class term at a -inf logit has
+            # finite gradients) would skip the step there alone and the replicas would drift apart
+            # unseen. Every process takes the decision of all (a one-value all-reduce, no host read).
+            flag = bad.to(torch.float32)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            bad = flag > 0
         if self.total is None:
             self.total = torch.zeros((), dtype=torch.int64, device=norm.device)
             self.run = torch.zeros((), dtype=torch.int64, device=norm.device)
