@@ -31,6 +31,10 @@ the error's first line, and the other checks still run.
 8. the log-determinant of the map: on a tiny Glow, the reported log-determinant against autograd's
    Jacobian of what the device computes, in float32 with cuDNN's TF32 on (PyTorch's default) and
    off, and under bf16 autocast (only the coupling networks in bfloat16).
+9. capture under DDP: two processes on the one device (gloo, which takes CUDA tensors), the model
+   wrapped in ``DistributedDataParallel``; with DDP's reduction off, a replay's gradients averaged
+   by ``average_gradients`` against DDP's own averaged gradients of an eager step on the same
+   batches (DDP's autograd hooks are registered during the capture, as in a run).
 
 ``--emulate`` runs the same script on the CPU, with a smaller model and the emulated capture
 (``CapturedStep(backend="emulated")``: the graph's bookkeeping, no graph) and operators counted
@@ -44,7 +48,10 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
+import socket
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 
@@ -56,7 +63,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from glowlab.dispatch import OperatorCounter
 from glowlab.models import MultiscaleConfig
 from glowlab.training import GlowModule
-from glowlab.training.capture import CapturedStep, first_line
+from glowlab.training.capture import CapturedStep, average_gradients, first_line
 from glowlab.training.module import configure_clipping, optimizer_with_warmup
 
 SMALL = dict(image_shape=(3, 32, 32), levels=3, steps=4, hidden_channels=64, n_bins=256)
@@ -359,6 +366,64 @@ def check_log_determinant(precision: str, tf32: bool) -> None:
     )
 
 
+class DDPLoss(torch.nn.Module):
+    """The training loss as a module's forward, for DistributedDataParallel to wrap."""
+
+    def __init__(self, glow: GlowModule) -> None:
+        super().__init__()
+        self.glow = glow
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.glow.losses(x, None)[0]
+
+
+def _ddp_worker(rank: int, world: int, port: int, device: str, backend: str, small: dict, out: str) -> None:
+    """One process of :func:`check_ddp_capture`: writes the worst relative difference it saw."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)  # the same initial weights on every process
+        glow = GlowModule(MultiscaleConfig(**small)).to(device)
+        ddp = torch.nn.parallel.DistributedDataParallel(DDPLoss(glow))
+        params = [p for p in glow.parameters() if p.requires_grad]
+        torch.manual_seed(1 + rank)  # each process its own batches
+        batches = [torch.rand(8, *small["image_shape"], device=device) - 0.5 for _ in range(3)]
+        ddp(batches[0]).backward()  # ActNorm's initialisation (statistics summed over the processes)
+        for p in params:
+            p.grad = None
+        expected = []
+        for x in batches[1:]:  # DDP's own averaged gradients, eagerly
+            ddp(x).backward()
+            expected.append([p.grad.clone() for p in params])
+            for p in params:
+                p.grad = None
+        ddp.require_backward_grad_sync = False  # as GlowModule does once the step is captured
+        graph = CapturedStep(glow.losses, params, batches[0], None, backend=backend)
+        worst = 0.0
+        for x, reference in zip(batches[1:], expected, strict=True):
+            graph.replay(x, None)
+            average_gradients(params)
+            worst = max(worst, *(max_relative(p.grad, r) for p, r in zip(params, reference, strict=True)))
+        with open(os.path.join(out, f"rank{rank}"), "w") as f:
+            f.write(repr(worst))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def check_ddp_capture() -> None:
+    with socket.socket() as sock:  # a free port for the processes to meet on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with tempfile.TemporaryDirectory() as out:
+        torch.multiprocessing.spawn(_ddp_worker, args=(2, port, DEVICE, BACKEND, SMALL, out), nprocs=2)
+        worst = max(float(open(os.path.join(out, f"rank{r}")).read()) for r in range(2))
+    report(
+        "capture under DDP",
+        worst < 1e-4,
+        f"2 processes: averaged replayed gradients against DDP's, max relative difference {worst:.2e} over 2 batches",
+    )
+
+
 def attempt(label: str, check: Callable[..., None], *args, **kwargs) -> None:
     """Run one check; an exception (a capture that fails raises) is its failure, and the rest still run."""
     try:
@@ -408,6 +473,7 @@ def main() -> None:
         f"Lightning training with {name}",
         lambda: check_training(train(compile=True), name, compile=True, cuda_graphs=True),
     )
+    attempt("capture under DDP", check_ddp_capture)
     attempt("failed capture", check_failed_capture)  # last: it breaks a capture on purpose
     print(f"{len(failures)} of {checks} checks failed" if failures else f"all {checks} checks passed", flush=True)
     sys.exit(1 if failures else 0)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU measurements in one run (about 6 minutes on one H200; its steps' time limits add up to
-# 10.5 minutes, the last step first to go if a session's limit cuts the run), for a machine lent
+# 11 minutes, the last step first to go if a session's limit cuts the run), for a machine lent
 # for a short session: the fast path's checks, then the benchmarks whose figures
 # benchmarks/README.md records.
 # Every result also goes to $OUT (default gpu-results/). Run from the repository root; packages the
@@ -22,7 +22,7 @@ step() {  # step SECONDS NAME COMMAND...: one measurement, its output in $out/NA
   timeout "$limit" "$@" 2>&1 | tee "$out/$name.txt"
 }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/device.txt"
-step 150 gpu_check $py benchmarks/gpu_check.py
+step 180 gpu_check $py benchmarks/gpu_check.py
 nf=benchmarks/adapters/normflows_glow.py
 step 120 reference $py benchmarks/glow_step.py --device cuda --config reference \
   --impl glowlab glowlab:graphs glowlab:compile+graphs "$nf" --conv-floor --json "$out/reference.json"

@@ -141,10 +141,10 @@ def test_gpu_check_runs_every_check_emulated_on_the_cpu() -> None:
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     verdicts = [line for line in result.stdout.splitlines() if line.startswith(("PASS", "FAIL"))]
-    assert len(verdicts) == 17 and all(line.startswith("PASS") for line in verdicts), verdicts
+    assert len(verdicts) == 18 and all(line.startswith("PASS") for line in verdicts), verdicts
     assert "PASS sync-free training step (1x1 convolution by slogdet, additive): 0 operators of" in result.stdout
     assert "PASS Adamax skip on the device: steps without a host synchronisation True; the poisoned" in result.stdout
-    assert "all 17 checks passed" in result.stdout
+    assert "all 18 checks passed" in result.stdout
 
 
 def test_gpu_check_reports_a_check_that_raises_and_runs_the_next(capsys) -> None:
