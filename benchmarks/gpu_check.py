@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 import os
 import socket
 import sys
@@ -82,7 +83,10 @@ def report(name: str, ok: bool, detail: str) -> None:
 
 
 def max_relative(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+    """Largest difference relative to ``b``'s largest value; infinite where either holds NaN or an
+    infinity (a NaN would pass through ``max`` and every ``<`` test unnoticed)."""
+    value = float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+    return value if math.isfinite(value) else math.inf
 
 
 def batch(n: int, classes: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:

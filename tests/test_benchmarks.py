@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -145,6 +146,15 @@ def test_gpu_check_runs_every_check_emulated_on_the_cpu() -> None:
     assert "PASS sync-free training step (1x1 convolution by slogdet, additive): 0 operators of" in result.stdout
     assert "PASS Adamax skip on the device: steps without a host synchronisation True; the poisoned" in result.stdout
     assert "all 18 checks passed" in result.stdout
+
+
+def test_gpu_check_counts_a_nan_difference_as_the_largest() -> None:
+    import gpu_check
+
+    nan = torch.tensor([float("nan"), 1.0])
+    assert gpu_check.max_relative(nan, torch.ones(2)) == math.inf
+    assert max(0.0, gpu_check.max_relative(torch.ones(2), nan)) == math.inf  # max() would keep 0.0 over a NaN
+    assert gpu_check.max_relative(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 4.0])) == 0.5
 
 
 def test_gpu_check_reports_a_check_that_raises_and_runs_the_next(capsys) -> None:

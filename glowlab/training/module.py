@@ -410,7 +410,6 @@ class GlowModule(GuardedTraining, L.LightningModule):
         self._graph: CapturedStep | None = None
         self._capture_error: str | None = None  # why a capture failed: the run then trains eagerly
         self._replayed = False  # whether this training step's gradients came from the graph
-        self._average_gradients = False  # DDP's own reduction is off (a graph was captured): average here
         self._eager_steps = 0
         self._said: set[str] = set()
         self.nonfinite = NonFiniteGuard(max_nonfinite_steps)
@@ -513,8 +512,9 @@ class GlowModule(GuardedTraining, L.LightningModule):
         super().backward(loss, *args, **kwargs)
 
     def on_after_backward(self) -> None:
-        # Before clipping and the optimizer step, as DDP's reduction would be.
-        if self._average_gradients:
+        # Before clipping and the optimizer step, as DDP's reduction would be; DDP's own is off once a
+        # graph is captured (_training_graph).
+        if self._graph is not None and self.trainer.world_size > 1:
             average_gradients(self._trained_parameters())
 
     def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer: torch.optim.Optimizer) -> None:
@@ -557,7 +557,6 @@ class GlowModule(GuardedTraining, L.LightningModule):
             # hooks), and on_after_backward averages the gradients of every step, replayed or eager,
             # in one collective outside the graph.
             self.trainer.strategy.model.require_backward_grad_sync = False
-            self._average_gradients = True
         self._say(
             f"cuda_graphs: training step captured for batches of shape {tuple(x.shape)} "
             f"in {self._graph.capture_seconds:.1f} s"
