@@ -62,9 +62,13 @@ CONFIGS = {
 }
 GLOWLAB_VARIANTS = ("glowlab", "glowlab:compile", "glowlab:graphs", "glowlab:compile+graphs")
 # Dense peak TFLOP/s by device name and precision ("32" is TF32, which cuDNN uses for float32
-# convolutions by default); --peak-tflops overrides.
+# convolutions by default), from NVIDIA's data sheets; the first key the device's name contains
+# wins, so the PCIe and NVL H100s (lower clocks and power) come before the SXM part's plain "H100".
+# --peak-tflops overrides.
 PEAK_TFLOPS = {
     "H200": {"bf16": 989.4, "32": 494.7},
+    "H100 PCIe": {"bf16": 756.5, "32": 378.0},
+    "H100 NVL": {"bf16": 835.5, "32": 417.5},
     "H100": {"bf16": 989.4, "32": 494.7},
     "A100": {"bf16": 312.0, "32": 156.0},
 }

@@ -121,6 +121,29 @@ def test_glow_step_runs_glowlab_and_adapters(tmp_path, monkeypatch) -> None:
         glow_step.main(["--impl", str(adapters / "rosinality_glow.py"), "--no-memory"])
 
 
+@pytest.mark.parametrize(
+    ("device_name", "bf16", "tf32"),
+    [
+        ("NVIDIA H100 80GB HBM3", 989.4, 494.7),
+        ("NVIDIA H100 PCIe", 756.5, 378.0),
+        ("NVIDIA H100 NVL", 835.5, 417.5),
+        ("NVIDIA H200", 989.4, 494.7),
+        ("NVIDIA A100-SXM4-80GB", 312.0, 156.0),
+        ("NVIDIA GeForce RTX 4090", None, None),
+    ],
+)
+def test_mfu_peak_is_the_named_gpus_own(monkeypatch, device_name: str, bf16: float | None, tf32: float | None) -> None:
+    # The PCIe and NVL H100s peak lower than the SXM part, whose name is a prefix of none of theirs.
+    sys.path.insert(0, str(BENCHMARKS))
+    import glow_step
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: device_name)
+    assert glow_step.peak_tflops("cuda", "bf16", None) == bf16
+    assert glow_step.peak_tflops("cuda", "32", None) == tf32
+    assert glow_step.peak_tflops("cuda", "bf16", 123.0) == 123.0
+    assert glow_step.peak_tflops("cpu", "bf16", None) is None
+
+
 def test_main_job_reports_its_wall_time_and_test_bpd(tmp_path) -> None:
     out = tmp_path / "main.json"
     cmd = [sys.executable, str(BENCHMARKS / "main_job.py"), "--no-wandb", "--json", str(out)]
