@@ -7,9 +7,11 @@ hundred tiny operators) and a callback that measures
 * the wall time of a training iteration (Lightning's loop, the data loader, glowlab's hooks,
   forward, backward, clipping, the non-finite guard, the optimizer and the learning-rate schedule),
   median over the iterations after a warm-up, leaving out those that run validation;
-* the same model's bare step (``losses``, backward, ``optimizer.step()``, nothing else) on one
-  batch, median over 60 steps, once training ends; the difference is the host time the training
-  loop adds to every step;
+* the same model's bare step (``losses``, backward, ``optimizer.step()``, nothing else) on the
+  iteration's batch, run at the end of every other iteration after the warm-up, median; those
+  iterations are left out of the iteration times, so the two medians alternate in time and a
+  shared machine's drift moves both alike; the difference is the host time the training loop adds
+  to every step;
 * Python function calls per iteration and per bare step, counted with ``sys.setprofile`` over
   ``--count`` iterations: a deterministic measure of host work, where the times move with the
   machine's load.
@@ -36,8 +38,6 @@ from typing import Any
 import lightning as L
 import torch
 from main_job import CSV_ONLY
-
-from glowlab.likelihood import dequantize
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULT = "GLOWLAB_STEP_OVERHEAD_JSON"  # where the callback writes its figures (the process's environment)
@@ -68,15 +68,18 @@ class PythonCalls:
 
 
 class StepOverhead(L.Callback):
-    """Times training iterations and counts their Python calls (validation left out of both); at
-    the end of training, measures the bare step."""
+    """Times training iterations and, between them, bare steps; counts the Python calls of both
+    (iterations that ran validation left out)."""
 
     def __init__(self, warmup: int = 20, count: int = 40) -> None:
         self.warmup, self.count = warmup, count
         self.starts: list[tuple[int, float]] = []  # (global step, time) at each batch's start
         self.validated: set[int] = set()  # iterations (by global step) that ran validation
+        self.with_bare: set[int] = set()  # iterations (by global step) that ended with a bare step
+        self.bare_seconds: list[float] = []
+        self.last_inputs: torch.Tensor | None = None
         self.counter = PythonCalls()
-        self.counting = False
+        self.counted: list[tuple[int, int]] = []  # (global step, calls so far) at each batch's start in the window
 
     def _window(self, trainer: L.Trainer) -> range:
         # The last `count` iterations that end at a batch start (the very last one ends in teardown).
@@ -88,21 +91,24 @@ class StepOverhead(L.Callback):
         step = trainer.global_step
         self.starts.append((step, time.perf_counter()))
         window = self._window(trainer)
+        if step in window or step == window.stop:
+            self.counted.append((step, self.counter.calls))
         if step == window.start:
-            self.counting = True
             self.counter.resume()
         elif step == window.stop:
             self.counter.pause()
-            self.counting = False
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        step = trainer.global_step - 1  # the step this iteration began at (no gradient accumulation)
+        self.last_inputs = batch[0]
+        if self.warmup <= step < self._window(trainer).start and step % 2:
+            self.with_bare.add(step)
+            self.bare_seconds.append(bare_step(trainer.optimizers[0], pl_module, batch[0]))
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.validated.add(trainer.global_step)
-        if self.counting:
-            self.counter.pause()
-
-    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.counting:
-            self.counter.resume()
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         window = self._window(trainer)
@@ -111,44 +117,41 @@ class StepOverhead(L.Callback):
         timed = [
             b - a
             for (s, a), (_, b) in zip(self.starts, self.starts[1:], strict=False)
-            if self.warmup <= s < window.start and s + 1 not in self.validated
+            if self.warmup <= s < window.start and s + 1 not in self.validated and s not in self.with_bare
         ]
-        bare_ms, bare_calls = bare_step(trainer, pl_module)
+        # Calls per counted iteration, those that ran validation left out as in the times: the
+        # checkpoints written after validation's end hooks belong to it, not to a training step.
+        calls = [
+            b - a for (s, a), (_, b) in zip(self.counted, self.counted[1:], strict=False) if s + 1 not in self.validated
+        ]
+        with PythonCalls() as counter:
+            bare_step(trainer.optimizers[0], pl_module, self.last_inputs)
         result = {
             "iteration_ms": 1000 * statistics.median(timed),
             "iterations_timed": len(timed),
-            "bare_step_ms": bare_ms,
-            "calls_per_iteration": self.counter.calls / len(window),
-            "calls_per_bare_step": bare_calls,
+            "bare_step_ms": 1000 * statistics.median(self.bare_seconds),
+            "bare_steps_timed": len(self.bare_seconds),
+            "calls_per_iteration": statistics.mean(calls),
+            "iterations_counted": len(calls),
+            "calls_per_bare_step": counter.calls,
             "device": str(pl_module.device),
         }
         Path(os.environ[RESULT]).write_text(json.dumps(result, allow_nan=False))
 
 
-def bare_step(trainer: L.Trainer, module: L.LightningModule) -> tuple[float, float]:
-    """(median ms, Python calls) of the module's own step on one training batch: no Lightning."""
-    optimizer = trainer.optimizers[0]
-    datamodule = trainer.datamodule
-    batch = next(iter(datamodule.train_dataloader()))
-    levels = batch[0].to(module.device)
-    x = dequantize(levels, datamodule.n_bins, generator=torch.Generator(device=module.device).manual_seed(0))
-
-    def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        loss, _ = module.losses(x, None)
-        loss.backward()
-        optimizer.step()
-
-    times = []
-    for _ in range(60):
-        start = time.perf_counter()
-        step()
-        if module.device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    with PythonCalls() as counter:
-        step()
-    return 1000 * statistics.median(times[10:]), counter.calls
+def bare_step(optimizer: torch.optim.Optimizer, module: L.LightningModule, x: torch.Tensor) -> float:
+    """Seconds of the module's own step on the dequantized images ``x``: no Lightning. On a GPU the
+    device is idle when it starts and when it ends, so the time is the step's whole."""
+    if x.device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    optimizer.zero_grad(set_to_none=True)
+    loss, _ = module.losses(x, None)
+    loss.backward()
+    optimizer.step()
+    if x.device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
 
 
 def main() -> None:
