@@ -24,7 +24,10 @@ sampling images/s. Then each glowlab variant's speed against the fastest other i
 with ``--profile N`` the convolutions' share of each one's operator time over N profiled steps,
 and with ``--conv-floor`` the time of each eager implementation's convolutions alone: the
 convolution operators of one of its steps (forward and backward), recorded and run again on fresh
-tensors of the same shapes, strides and dtypes, against its whole step.
+tensors of the same shapes, strides and dtypes, against its whole step. With ``--roofline GPU`` (on
+CUDA by default, the device itself) each eager step's roofline on that GPU: the least time its
+kernels take at the GPU's peak FLOP/s and memory bandwidth (``roofline.py``), the MFU that allows,
+and on CUDA the measured step over it.
 
     pip install -e ".[bench]"
     python benchmarks/glow_step.py                                   # CPU, reference config
@@ -49,6 +52,7 @@ from typing import NamedTuple
 
 import torch
 from memory import current_rss_mib, live_memory_env, peak_rss_mib, reset_peak_rss
+from roofline import KernelTally, Roofline
 from timing import timed
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
@@ -61,16 +65,33 @@ CONFIGS = {
     "paper": dict(image_shape=(3, 32, 32), levels=3, steps=32, hidden_channels=512, batch=64, precision="bf16"),
 }
 GLOWLAB_VARIANTS = ("glowlab", "glowlab:compile", "glowlab:graphs", "glowlab:compile+graphs")
-# Dense peak TFLOP/s by device name and precision ("32" is TF32, which cuDNN uses for float32
-# convolutions by default), from NVIDIA's data sheets; the first key the device's name contains
-# wins, so the PCIe and NVL H100s (lower clocks and power) come before the SXM part's plain "H100".
-# --peak-tflops overrides.
-PEAK_TFLOPS = {
-    "H200": {"bf16": 989.4, "32": 494.7},
-    "H100 PCIe": {"bf16": 756.5, "32": 378.0},
-    "H100 NVL": {"bf16": 835.5, "32": 417.5},
-    "H100": {"bf16": 989.4, "32": 494.7},
-    "A100": {"bf16": 312.0, "32": 156.0},
+
+
+class GPU(NamedTuple):
+    """A GPU's dense peak TFLOP/s (bf16; "32" is TF32, which cuDNN uses for float32 convolutions by
+    default) and memory bandwidth in TB/s, from NVIDIA's data sheets."""
+
+    bf16: float
+    tf32: float
+    tb_s: float
+
+    def peak(self, precision: str) -> float:
+        """Dense peak TFLOP/s for a ``--precision`` ("bf16", or "32" for TF32)."""
+        return self.bf16 if precision == "bf16" else self.tf32
+
+
+# The first key a device's name contains wins (case aside), so the PCIe and NVL parts (lower clocks
+# and power) come before the SXM parts' plain names, and the 80 GB A100s (faster memory) before the
+# 40 GB ones. --peak-tflops and --bandwidth override.
+GPUS = {
+    "H200 NVL": GPU(835.5, 417.5, 4.8),
+    "H200": GPU(989.4, 494.7, 4.8),
+    "H100 PCIe": GPU(756.5, 378.0, 2.0),
+    "H100 NVL": GPU(835.5, 417.5, 3.9),
+    "H100": GPU(989.4, 494.7, 3.35),
+    "A100 80GB PCIe": GPU(312.0, 156.0, 1.935),
+    "A100-SXM4-80GB": GPU(312.0, 156.0, 2.039),
+    "A100": GPU(312.0, 156.0, 1.555),
 }
 
 
@@ -277,13 +298,61 @@ def convolutions_alone(calls: list, device: str) -> Callable[[], None]:
     return run
 
 
+def known_gpu(name: str) -> GPU | None:
+    """The :data:`GPUS` entry for a device name (``"NVIDIA H200"``, ``"H100 PCIe"``), or None."""
+    return next((gpu for key, gpu in GPUS.items() if key.lower() in name.lower()), None)
+
+
 def peak_tflops(device: str, precision: str, given: float | None) -> float | None:
     if given is not None:
         return given
     if torch.device(device).type != "cuda":
         return None
-    name = torch.cuda.get_device_name(torch.device(device))
-    return next((table[precision] for key, table in PEAK_TFLOPS.items() if key in name), None)
+    gpu = known_gpu(torch.cuda.get_device_name(torch.device(device)))
+    return None if gpu is None else gpu.peak(precision)
+
+
+class RooflineGPU(NamedTuple):
+    """The GPU a roofline is drawn for: its name, dense peak TFLOP/s at the run's precision, TB/s."""
+
+    name: str
+    tflops: float
+    tb_s: float
+
+
+def roofline_gpu(args: argparse.Namespace, precision: str) -> RooflineGPU | None:
+    """The GPU whose roofline to print, or None for none.
+
+    ``--roofline NAME`` names one (any device runs the step); on CUDA the default is the device itself.
+    ``--peak-tflops`` and ``--bandwidth`` override the table, or stand for a GPU it lacks.
+    """
+    if args.roofline is not None:
+        name = args.roofline
+    elif torch.device(args.device).type == "cuda":
+        name = torch.cuda.get_device_name(torch.device(args.device))
+    else:
+        return None
+    gpu = known_gpu(name)
+    peak = args.peak_tflops if args.peak_tflops is not None else None if gpu is None else gpu.peak(precision)
+    bandwidth = args.bandwidth if args.bandwidth is not None else None if gpu is None else gpu.tb_s
+    if peak is None or bandwidth is None:
+        if args.roofline is None:
+            return None  # an unnamed GPU the table lacks: no roofline, as no MFU
+        raise SystemExit(
+            f"--roofline {name}: not a GPU this script knows ({', '.join(GPUS)}); give --peak-tflops and --bandwidth"
+        )
+    return RooflineGPU(name, peak, bandwidth)
+
+
+def tally_kernels(impl: Implementation, x: Tensor, device: str, precision: str) -> KernelTally:
+    """The kernels of one eager training step of ``impl`` (zero_grad, forward, backward, update)."""
+    with KernelTally() as tally:
+        impl.optimizer.zero_grad(set_to_none=True)
+        with autocast(device, precision):
+            loss = impl.loss(x)
+        loss.backward()
+        impl.optimizer.step()
+    return tally
 
 
 def cuda_memory(impl_builder: Callable[[], Implementation], x: Tensor, device: str, precision: str):
@@ -320,6 +389,21 @@ def memory_worker(name: str, config: dict, args: argparse.Namespace) -> None:
     print(json.dumps(peak_rss_mib() - base))
 
 
+def roofline_row(roofline: Roofline, flops: int, peak: float, measured_ms: float) -> dict:
+    """A step's roofline for the results: its kernels, bytes, least time and the MFU that allows."""
+    ms = 1000 * roofline.seconds
+    return {
+        "kernels": roofline.kernels,
+        "gb_step": roofline.bytes / 1e9,
+        "ms": ms,
+        "compute_ms": 1000 * roofline.compute_seconds,
+        "memory_ms": 1000 * roofline.memory_seconds,
+        "mfu_max": flops / roofline.seconds / (peak * 1e12),
+        "measured_over_roofline": measured_ms / ms,
+        "largest_ms": {name: 1000 * seconds for name, seconds in list(roofline.by_operator.items())[:3]},
+    }
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
@@ -331,6 +415,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--pairs", type=int, default=20, help="timed steps per implementation, alternating")
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--peak-tflops", type=float, help="the device's dense peak (default: known GPUs)")
+    parser.add_argument(
+        "--roofline",
+        metavar="GPU",
+        help="print each eager step's roofline on this GPU (H200, H100, ...; on CUDA: the device's own)",
+    )
+    parser.add_argument("--bandwidth", type=float, metavar="TB/S", help="the roofline GPU's memory bandwidth")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory measurement")
     parser.add_argument(
         "--profile", type=int, default=0, metavar="N", help="profile N more steps each: the convolutions' share"
@@ -390,6 +480,15 @@ def main(argv: list[str] | None = None) -> dict:
         impls[impl.name] = impl
     ops = {k: count_operators(v, x, device, precision) for k, v in impls.items() if v.eager and "graphs" not in k}
     flops = {k: count_flops(v, x, device, precision) for k, v in impls.items()}
+    gpu = roofline_gpu(args, precision)
+    rooflines: dict[str, Roofline] = {}
+    if gpu is not None:
+        for k, v in impls.items():
+            if v.eager and "graphs" not in k:
+                rooflines[k] = tally_kernels(v, x, device, precision).roofline(gpu.tflops * 1e12, gpu.tb_s * 1e12)
+        for k in impls:  # a captured step replays the eager step's kernels
+            if k.startswith("glowlab:") and "compile" not in k and "glowlab" in rooflines:
+                rooflines[k] = rooflines["glowlab"]
     names = list(impls)
     train_t: dict[str, list[float]] = {k: [] for k in names}
     sample_t: dict[str, list[float]] = {k: [] for k in names if impls[k].sample is not None}
@@ -431,6 +530,7 @@ def main(argv: list[str] | None = None) -> dict:
             "convolution_share": conv_share[k][0] if k in conv_share else None,
             "convolutions_alone_ms": conv_alone[k][0] if k in conv_alone else None,
             "convolution_calls": conv_alone[k][1] if k in conv_alone else None,
+            "roofline": roofline_row(rooflines[k], flops[k], gpu.tflops, ms) if k in rooflines else None,
         }
         results[k] = row
         mfu = "-" if row["mfu"] is None else f"{100 * row['mfu']:.2f}%"
@@ -469,6 +569,21 @@ def main(argv: list[str] | None = None) -> dict:
             f"{k}: its {n} convolution operators alone (forward and backward, replayed on fresh tensors) "
             f"{ms:.1f} ms of its {step:.1f} ms step; the rest {step - ms:.1f} ms"
         )
+    if gpu is not None:
+        kind = "bf16" if precision == "bf16" else "TF32"
+        print(
+            f"roofline on {gpu.name} ({gpu.tflops} TFLOP/s {kind}, {gpu.tb_s} TB/s): each kernel of an eager "
+            "step at the longer of its FLOPs at the peak and its bytes at the bandwidth"
+        )
+        for k, row in ((k, results[k]["roofline"]) for k in names if results[k]["roofline"]):
+            measured = f"; this step is {row['measured_over_roofline']:.1f}x that" if on_cuda else ""
+            # "aten.threshold_backward.default" -> "threshold_backward"
+            largest = ", ".join(f"{name.split('.')[1]} {ms:.2f}" for name, ms in row["largest_ms"].items())
+            print(
+                f"{k:>24}: {row['kernels']} kernels, {row['gb_step']:.2f} GB moved: at least {row['ms']:.2f} ms "
+                f"({row['compute_ms']:.2f} ms in compute-bound kernels, {row['memory_ms']:.2f} ms memory-bound; "
+                f"largest {largest} ms), MFU at most {100 * row['mfu_max']:.1f}%{measured}"
+            )
     if peak is not None:
         print(f"MFU against {peak} TFLOP/s ({'bf16' if precision == 'bf16' else 'TF32'} dense peak)")
     if args.json:

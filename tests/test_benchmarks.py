@@ -102,7 +102,7 @@ def test_glow_step_runs_glowlab_and_adapters(tmp_path, monkeypatch) -> None:
         "1",
         "--conv-floor",
     ]
-    results = glow_step.main([*args, "--no-memory", "--peak-tflops", "1", "--json", str(out)])
+    results = glow_step.main([*args, "--no-memory", "--peak-tflops", "1", "--roofline", "H200", "--json", str(out)])
     assert set(results) == {"glowlab", "glowlab:compile", "normflows_glow", "rosinality_glow"}
     for name, row in results.items():
         assert row["img_s"] > 0 and row["gflop_step"] > 0 and 0 < row["mfu"] < 1, name
@@ -111,6 +111,13 @@ def test_glow_step_runs_glowlab_and_adapters(tmp_path, monkeypatch) -> None:
             assert 0 < row["convolutions_alone_ms"] < row["ms_step"], name
             assert row["convolution_calls"] > 0 and row["convolution_calls"] % 2 == 0, name
     assert results["glowlab:compile"]["convolutions_alone_ms"] is None
+    # The roofline of each eager step (a compiled step fuses kernels: none); --peak-tflops overrides the H200's.
+    assert results["glowlab:compile"]["roofline"] is None
+    for name in ("glowlab", "normflows_glow", "rosinality_glow"):
+        roof = results[name]["roofline"]
+        assert roof["kernels"] > 0 and roof["gb_step"] > 0 and 0 < roof["mfu_max"] <= 1 + 1e-9, name
+        assert roof["ms"] == pytest.approx(roof["compute_ms"] + roof["memory_ms"]) and roof["compute_ms"] > 0, name
+    assert results["glowlab"]["roofline"]["kernels"] < results["normflows_glow"]["roofline"]["kernels"]
     assert results["rosinality_glow"]["params_m"] == pytest.approx(results["glowlab"]["params_m"])
     assert results["glowlab"]["operators"]["syncs"] == 0 and results["glowlab:compile"]["operators"] is None
     assert json.loads(out.read_text())["results"]["glowlab"]["ms_step"] > 0
@@ -122,18 +129,24 @@ def test_glow_step_runs_glowlab_and_adapters(tmp_path, monkeypatch) -> None:
 
 
 @pytest.mark.parametrize(
-    ("device_name", "bf16", "tf32"),
+    ("device_name", "bf16", "tf32", "tb_s"),
     [
-        ("NVIDIA H100 80GB HBM3", 989.4, 494.7),
-        ("NVIDIA H100 PCIe", 756.5, 378.0),
-        ("NVIDIA H100 NVL", 835.5, 417.5),
-        ("NVIDIA H200", 989.4, 494.7),
-        ("NVIDIA A100-SXM4-80GB", 312.0, 156.0),
-        ("NVIDIA GeForce RTX 4090", None, None),
+        ("NVIDIA H100 80GB HBM3", 989.4, 494.7, 3.35),
+        ("NVIDIA H100 PCIe", 756.5, 378.0, 2.0),
+        ("NVIDIA H100 NVL", 835.5, 417.5, 3.9),
+        ("NVIDIA H200", 989.4, 494.7, 4.8),
+        ("NVIDIA H200 NVL", 835.5, 417.5, 4.8),
+        ("NVIDIA A100-SXM4-80GB", 312.0, 156.0, 2.039),
+        ("NVIDIA A100 80GB PCIe", 312.0, 156.0, 1.935),
+        ("NVIDIA A100-SXM4-40GB", 312.0, 156.0, 1.555),
+        ("NVIDIA GeForce RTX 4090", None, None, None),
     ],
 )
-def test_mfu_peak_is_the_named_gpus_own(monkeypatch, device_name: str, bf16: float | None, tf32: float | None) -> None:
-    # The PCIe and NVL H100s peak lower than the SXM part, whose name is a prefix of none of theirs.
+def test_mfu_peak_and_bandwidth_are_the_named_gpus_own(
+    monkeypatch, device_name: str, bf16: float | None, tf32: float | None, tb_s: float | None
+) -> None:
+    # The PCIe and NVL parts peak lower than the SXM parts, whose names are prefixes of none of theirs;
+    # the 80 GB A100s have faster memory than the 40 GB ones.
     sys.path.insert(0, str(BENCHMARKS))
     import glow_step
 
@@ -142,6 +155,68 @@ def test_mfu_peak_is_the_named_gpus_own(monkeypatch, device_name: str, bf16: flo
     assert glow_step.peak_tflops("cuda", "32", None) == tf32
     assert glow_step.peak_tflops("cuda", "bf16", 123.0) == 123.0
     assert glow_step.peak_tflops("cpu", "bf16", None) is None
+    # The roofline's GPU: the device's own on CUDA, none for a GPU the table lacks unless named.
+    gpu = glow_step.roofline_gpu(glow_step.parse_args(["--device", "cuda"]), "bf16")
+    assert (gpu is None) if tb_s is None else (gpu.tflops, gpu.tb_s) == (bf16, tb_s)
+    named = glow_step.parse_args(["--roofline", device_name.lower()])
+    if tb_s is None:
+        with pytest.raises(SystemExit, match="not a GPU this script knows"):
+            glow_step.roofline_gpu(named, "32")
+    else:
+        assert glow_step.roofline_gpu(named, "32")[1:] == (tf32, tb_s)
+
+
+def test_roofline_gpu_is_named_or_given() -> None:
+    import glow_step
+
+    assert glow_step.roofline_gpu(glow_step.parse_args([]), "32") is None  # CPU, none named
+    with pytest.raises(SystemExit, match=r"--roofline B200: not a GPU this script knows .*--bandwidth"):
+        glow_step.roofline_gpu(glow_step.parse_args(["--roofline", "B200"]), "bf16")
+    given = ["--roofline", "B200", "--peak-tflops", "2250", "--bandwidth", "8"]
+    assert glow_step.roofline_gpu(glow_step.parse_args(given), "bf16") == ("B200", 2250.0, 8.0)
+    overridden = glow_step.parse_args(["--roofline", "H200", "--bandwidth", "5"])
+    assert glow_step.roofline_gpu(overridden, "bf16") == ("H200", 989.4, 5.0)
+
+
+def test_kernel_tally_counts_flops_and_bytes_by_hand() -> None:
+    from roofline import KernelTally, tensor_bytes
+
+    a, b = torch.ones(8, 16), torch.ones(16, 4)
+    x = torch.ones(4, 6, 5, 5).contiguous(memory_format=torch.channels_last)
+    row = torch.ones(5)
+    with KernelTally() as tally:
+        a @ b  # a kernel: 2*8*16*4 FLOPs, reads 128 + 64 floats, writes 32
+        a.t()  # a view: no kernel
+        torch.add(a, a)  # reads its one distinct input once: 128 floats in, 128 out
+        torch.empty(3, 3)  # an allocation: no kernel
+        torch.zeros(2, 5).copy_(row.expand(2, 5))  # a fill (writes 10) and a copy: reads 5, writes 10
+        x[:, :3] * 2  # half the channels of a channels-last tensor: 300 floats read, 300 written
+    kernels = [(k.name, k.flops, k.bytes) for k in tally.kernels]
+    assert kernels == [
+        ("aten.mm.default", 2 * 8 * 16 * 4, (128 + 64 + 32) * 4),
+        ("aten.add.Tensor", 0, 256 * 4),
+        ("aten.zeros.default", 0, 10 * 4),
+        ("aten.copy_.default", 0, (5 + 10) * 4),
+        ("aten.mul.Tensor", 0, 600 * 4),
+    ]
+    assert tensor_bytes(torch.ones(0, 3)) == 0 and tensor_bytes(torch.ones(3, 1).expand(3, 7)) == 12
+    # The product's 1024 FLOPs at 1e5 FLOP/s (10.24 ms) outlast its 896 bytes at 1e6 B/s (0.896 ms):
+    # compute-bound; the other kernels are memory-bound.
+    roof = tally.roofline(peak_flops=1e5, bandwidth=1e6)
+    memory = (256 + 10 + 15 + 600) * 4 / 1e6
+    assert roof.kernels == 5 and roof.flops == 1024 and roof.bytes == (224 + 256 + 10 + 15 + 600) * 4
+    assert roof.compute_seconds == pytest.approx(1024 / 1e5)
+    assert roof.memory_seconds == pytest.approx(memory)
+    assert roof.seconds == pytest.approx(roof.compute_seconds + memory)
+    largest_first = [
+        "aten.mm.default",
+        "aten.mul.Tensor",
+        "aten.add.Tensor",
+        "aten.copy_.default",
+        "aten.zeros.default",
+    ]
+    assert list(roof.by_operator) == largest_first
+    assert roof.by_operator["aten.mul.Tensor"] == pytest.approx(600 * 4 / 1e6)
 
 
 def test_main_job_reports_its_wall_time_and_test_bpd(tmp_path) -> None:
