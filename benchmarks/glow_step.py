@@ -82,7 +82,7 @@ class GPU(NamedTuple):
 
 # The first key a device's name contains wins (case aside), so the PCIe and NVL parts (lower clocks
 # and power) come before the SXM parts' plain names, and the 80 GB A100s (faster memory) before the
-# 40 GB ones. --peak-tflops and --bandwidth override.
+# 40 GB ones. --peak-tflops overrides the MFU's peak, --roofline-tflops and --bandwidth the roofline's.
 GPUS = {
     "H200 NVL": GPU(835.5, 417.5, 4.8),
     "H200": GPU(989.4, 494.7, 4.8),
@@ -323,23 +323,26 @@ class RooflineGPU(NamedTuple):
 def roofline_gpu(args: argparse.Namespace, precision: str) -> RooflineGPU | None:
     """The GPU whose roofline to print, or None for none.
 
-    ``--roofline NAME`` names one (any device runs the step); on CUDA the default is the device itself.
-    ``--peak-tflops`` and ``--bandwidth`` override the table, or stand for a GPU it lacks.
+    ``--roofline NAME`` names one (any device runs the step); on CUDA the default is the device
+    itself, at the peak its MFU is measured against (``--peak-tflops`` included). ``--roofline-tflops``
+    and ``--bandwidth`` override the table, or stand for a GPU it lacks.
     """
     if args.roofline is not None:
-        name = args.roofline
+        name, own_peak = args.roofline, None
     elif torch.device(args.device).type == "cuda":
-        name = torch.cuda.get_device_name(torch.device(args.device))
+        name, own_peak = torch.cuda.get_device_name(torch.device(args.device)), args.peak_tflops
     else:
         return None
     gpu = known_gpu(name)
-    peak = args.peak_tflops if args.peak_tflops is not None else None if gpu is None else gpu.peak(precision)
-    bandwidth = args.bandwidth if args.bandwidth is not None else None if gpu is None else gpu.tb_s
+    listed_peak, listed_bandwidth = (None, None) if gpu is None else (gpu.peak(precision), gpu.tb_s)
+    peak = next((v for v in (args.roofline_tflops, own_peak, listed_peak) if v is not None), None)
+    bandwidth = args.bandwidth if args.bandwidth is not None else listed_bandwidth
     if peak is None or bandwidth is None:
         if args.roofline is None:
-            return None  # an unnamed GPU the table lacks: no roofline, as no MFU
+            return None  # the device is a GPU the table lacks: no roofline, as no MFU
         raise SystemExit(
-            f"--roofline {name}: not a GPU this script knows ({', '.join(GPUS)}); give --peak-tflops and --bandwidth"
+            f"--roofline {name}: not a GPU this script knows ({', '.join(GPUS)}); "
+            "give --roofline-tflops and --bandwidth"
         )
     return RooflineGPU(name, peak, bandwidth)
 
@@ -420,7 +423,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="GPU",
         help="print each eager step's roofline on this GPU (H200, H100, ...; on CUDA: the device's own)",
     )
-    parser.add_argument("--bandwidth", type=float, metavar="TB/S", help="the roofline GPU's memory bandwidth")
+    parser.add_argument(
+        "--roofline-tflops", type=float, metavar="TFLOP/S", help="the roofline GPU's dense peak (default: known GPUs)"
+    )
+    parser.add_argument(
+        "--bandwidth", type=float, metavar="TB/S", help="the roofline GPU's memory bandwidth (default: known GPUs)"
+    )
     parser.add_argument("--no-memory", action="store_true", help="skip the memory measurement")
     parser.add_argument(
         "--profile", type=int, default=0, metavar="N", help="profile N more steps each: the convolutions' share"

@@ -111,12 +111,14 @@ def test_glow_step_runs_glowlab_and_adapters(tmp_path, monkeypatch) -> None:
             assert 0 < row["convolutions_alone_ms"] < row["ms_step"], name
             assert row["convolution_calls"] > 0 and row["convolution_calls"] % 2 == 0, name
     assert results["glowlab:compile"]["convolutions_alone_ms"] is None
-    # The roofline of each eager step (a compiled step fuses kernels: none); --peak-tflops overrides the H200's.
+    # The roofline of each eager step on an H200 (a compiled step fuses kernels: none).
     assert results["glowlab:compile"]["roofline"] is None
     for name in ("glowlab", "normflows_glow", "rosinality_glow"):
         roof = results[name]["roofline"]
         assert roof["kernels"] > 0 and roof["gb_step"] > 0 and 0 < roof["mfu_max"] <= 1 + 1e-9, name
-        assert roof["ms"] == pytest.approx(roof["compute_ms"] + roof["memory_ms"]) and roof["compute_ms"] > 0, name
+        assert roof["ms"] == pytest.approx(roof["compute_ms"] + roof["memory_ms"]), name
+        assert roof["measured_over_roofline"] == pytest.approx(results[name]["ms_step"] / roof["ms"]), name
+        assert "aten.convolution_backward.default" in roof["largest_ms"], name
     assert results["glowlab"]["roofline"]["kernels"] < results["normflows_glow"]["roofline"]["kernels"]
     assert results["rosinality_glow"]["params_m"] == pytest.approx(results["glowlab"]["params_m"])
     assert results["glowlab"]["operators"]["syncs"] == 0 and results["glowlab:compile"]["operators"] is None
@@ -172,10 +174,23 @@ def test_roofline_gpu_is_named_or_given() -> None:
     assert glow_step.roofline_gpu(glow_step.parse_args([]), "32") is None  # CPU, none named
     with pytest.raises(SystemExit, match=r"--roofline B200: not a GPU this script knows .*--bandwidth"):
         glow_step.roofline_gpu(glow_step.parse_args(["--roofline", "B200"]), "bf16")
-    given = ["--roofline", "B200", "--peak-tflops", "2250", "--bandwidth", "8"]
+    given = ["--roofline", "B200", "--roofline-tflops", "2250", "--bandwidth", "8"]
     assert glow_step.roofline_gpu(glow_step.parse_args(given), "bf16") == ("B200", 2250.0, 8.0)
     overridden = glow_step.parse_args(["--roofline", "H200", "--bandwidth", "5"])
     assert glow_step.roofline_gpu(overridden, "bf16") == ("H200", 989.4, 5.0)
+    # A CPU run's --peak-tflops is the CPU's, for its MFU: not the named GPU's.
+    cpu_peak = glow_step.parse_args(["--roofline", "H200", "--peak-tflops", "1"])
+    assert glow_step.roofline_gpu(cpu_peak, "32") == ("H200", 494.7, 4.8)
+
+
+def test_roofline_of_a_cuda_device_is_its_own(monkeypatch) -> None:
+    import glow_step
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 PCIe")
+    assert glow_step.roofline_gpu(glow_step.parse_args(["--device", "cuda"]), "bf16")[1:] == (756.5, 2.0)
+    # On the device itself the roofline's peak is the one its MFU is measured against.
+    given = glow_step.parse_args(["--device", "cuda", "--peak-tflops", "700"])
+    assert glow_step.roofline_gpu(given, "bf16")[1:] == (700.0, 2.0)
 
 
 def test_kernel_tally_counts_flops_and_bytes_by_hand() -> None:
