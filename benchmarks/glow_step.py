@@ -577,7 +577,7 @@ def main(argv: list[str] | None = None) -> dict:
             f"{k}: its {n} convolution operators alone (forward and backward, replayed on fresh tensors) "
             f"{ms:.1f} ms of its {step:.1f} ms step; the rest {step - ms:.1f} ms"
         )
-    if gpu is not None:
+    if gpu is not None and rooflines:  # none for compiled steps alone
         kind = "bf16" if precision == "bf16" else "TF32"
         print(
             f"roofline on {gpu.name} ({gpu.tflops} TFLOP/s {kind}, {gpu.tb_s} TB/s): each kernel of an eager "
