@@ -10,7 +10,8 @@ take host time away, not this; fusing kernels (``torch.compile``) or doing less 
 predicts what a GPU step can reach, and how far a measured step is from it.
 
 The bytes are what an unfused kernel moves at the least: each distinct tensor it reads once and each
-output it writes once (a view counts the elements it spans, a broadcast tensor its storage).
+output it writes once, returned or written in place as its schema says (a view counts the elements
+it spans, a broadcast tensor its storage).
 Kernels that read an input more than once from memory move more; a GPU's L2 cache, holding a tensor
 from one kernel to the next, can spare some traffic, so a step of small tensors can come in under
 its roofline.
@@ -75,13 +76,27 @@ def _distinct(tensors: list[Tensor]) -> list[Tensor]:
     return unique
 
 
+def written_arguments(func: Any, args: tuple, kwargs: dict) -> list[Tensor]:
+    """The tensors ``func``'s schema marks as written in place (``Tensor(a!)``), lists included."""
+    written = []
+    for i, argument in enumerate(func._schema.arguments):
+        if argument.alias_info is not None and argument.alias_info.is_write:
+            value = args[i] if i < len(args) else kwargs.get(argument.name)
+            written += [t for t in tree_leaves(value) if isinstance(t, Tensor)]
+    return written
+
+
 def moved_bytes(func: Any, args: tuple, kwargs: dict, out: Any) -> int:
-    """Bytes an unfused kernel for ``func`` reads (each distinct input once) and writes (each output once)."""
+    """Bytes an unfused kernel for ``func`` reads (each distinct input once) and writes (each output once).
+
+    The outputs are the tensors it returns and those it writes in place (an in-place update that
+    returns nothing, such as a fused optimizer's, reads and writes its tensors).
+    """
     inputs = [a for a in tree_leaves((args, kwargs)) if isinstance(a, Tensor)]
     if func.overloadpacket.__name__ in WRITE_ONLY_FIRST and args:
         written = {id(t) for t in tree_leaves(args[0]) if isinstance(t, Tensor)}
         inputs = [t for t in inputs if id(t) not in written]
-    outputs = [o for o in tree_leaves(out) if isinstance(o, Tensor)]
+    outputs = [o for o in tree_leaves(out) if isinstance(o, Tensor)] + written_arguments(func, args, kwargs)
     return sum(map(tensor_bytes, _distinct(inputs))) + sum(map(tensor_bytes, _distinct(outputs)))
 
 

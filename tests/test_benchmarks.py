@@ -206,6 +206,7 @@ def test_kernel_tally_counts_flops_and_bytes_by_hand() -> None:
         torch.empty(3, 3)  # an allocation: no kernel
         torch.zeros(2, 5).copy_(row.expand(2, 5))  # a fill (writes 10) and a copy: reads 5, writes 10
         x[:, :3] * 2  # half the channels of a channels-last tensor: 300 floats read, 300 written
+        torch._foreach_add_([a, b], 1.0)  # in place, returning nothing: reads and writes 128 + 64 floats
     kernels = [(k.name, k.flops, k.bytes) for k in tally.kernels]
     assert kernels == [
         ("aten.mm.default", 2 * 8 * 16 * 4, (128 + 64 + 32) * 4),
@@ -213,19 +214,21 @@ def test_kernel_tally_counts_flops_and_bytes_by_hand() -> None:
         ("aten.zeros.default", 0, 10 * 4),
         ("aten.copy_.default", 0, (5 + 10) * 4),
         ("aten.mul.Tensor", 0, 600 * 4),
+        ("aten._foreach_add_.Scalar", 0, 2 * 192 * 4),
     ]
     assert tensor_bytes(torch.ones(0, 3)) == 0 and tensor_bytes(torch.ones(3, 1).expand(3, 7)) == 12
     # The product's 1024 FLOPs at 1e5 FLOP/s (10.24 ms) outlast its 896 bytes at 1e6 B/s (0.896 ms):
     # compute-bound; the other kernels are memory-bound.
     roof = tally.roofline(peak_flops=1e5, bandwidth=1e6)
-    memory = (256 + 10 + 15 + 600) * 4 / 1e6
-    assert roof.kernels == 5 and roof.flops == 1024 and roof.bytes == (224 + 256 + 10 + 15 + 600) * 4
+    memory = (256 + 10 + 15 + 600 + 384) * 4 / 1e6
+    assert roof.kernels == 6 and roof.flops == 1024 and roof.bytes == (224 + 256 + 10 + 15 + 600 + 384) * 4
     assert roof.compute_seconds == pytest.approx(1024 / 1e5)
     assert roof.memory_seconds == pytest.approx(memory)
     assert roof.seconds == pytest.approx(roof.compute_seconds + memory)
     largest_first = [
         "aten.mm.default",
         "aten.mul.Tensor",
+        "aten._foreach_add_.Scalar",
         "aten.add.Tensor",
         "aten.copy_.default",
         "aten.zeros.default",
