@@ -11,10 +11,9 @@ predicts what a GPU step can reach, and how far a measured step is from it.
 
 The bytes are what an unfused kernel moves at the least: each distinct tensor it reads once and each
 output it writes once, returned or written in place as its schema says (a view counts the elements
-it spans, a broadcast tensor its storage).
-Kernels that read an input more than once from memory move more; a GPU's L2 cache, holding a tensor
-from one kernel to the next, can spare some traffic, so a step of small tensors can come in under
-its roofline.
+it spans, a broadcast tensor its storage). Kernels that read an input more than once from memory
+move more; a GPU's L2 cache, holding a tensor from one kernel to the next, can spare some traffic,
+so a step of small tensors can come in under its roofline.
 
 References: Williams, Waterman & Patterson, "Roofline: an insightful visual performance model for
 multicore architectures", 2009.
