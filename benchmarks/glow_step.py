@@ -347,14 +347,10 @@ def roofline_gpu(args: argparse.Namespace, precision: str) -> RooflineGPU | None
     return RooflineGPU(name, peak, bandwidth)
 
 
-def tally_kernels(impl: Implementation, x: Tensor, device: str, precision: str) -> KernelTally:
-    """The kernels of one eager training step of ``impl`` (zero_grad, forward, backward, update)."""
+def tally_kernels(impl: Implementation) -> KernelTally:
+    """The kernels of one training step of an eager ``impl`` (its ``step``: zero_grad, forward, backward, update)."""
     with KernelTally() as tally:
-        impl.optimizer.zero_grad(set_to_none=True)
-        with autocast(device, precision):
-            loss = impl.loss(x)
-        loss.backward()
-        impl.optimizer.step()
+        impl.step()
     return tally
 
 
@@ -493,7 +489,7 @@ def main(argv: list[str] | None = None) -> dict:
     if gpu is not None:
         for k, v in impls.items():
             if v.eager and "graphs" not in k:
-                rooflines[k] = tally_kernels(v, x, device, precision).roofline(gpu.tflops * 1e12, gpu.tb_s * 1e12)
+                rooflines[k] = tally_kernels(v).roofline(gpu.tflops * 1e12, gpu.tb_s * 1e12)
         for k in impls:  # a captured step replays the eager step's kernels
             if k.startswith("glowlab:") and "compile" not in k and "glowlab" in rooflines:
                 rooflines[k] = rooflines["glowlab"]
