@@ -58,6 +58,7 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from glowlab.dispatch import OperatorCounter
+from glowlab.flops import GPUS, device_peak_tflops, known_gpu
 from glowlab.training.capture import first_line
 
 CONFIGS = {
@@ -65,34 +66,6 @@ CONFIGS = {
     "paper": dict(image_shape=(3, 32, 32), levels=3, steps=32, hidden_channels=512, batch=64, precision="bf16"),
 }
 GLOWLAB_VARIANTS = ("glowlab", "glowlab:compile", "glowlab:graphs", "glowlab:compile+graphs")
-
-
-class GPU(NamedTuple):
-    """A GPU's dense peak TFLOP/s (bf16; "32" is TF32, which cuDNN uses for float32 convolutions by
-    default) and memory bandwidth in TB/s, from NVIDIA's data sheets."""
-
-    bf16: float
-    tf32: float
-    tb_s: float
-
-    def peak(self, precision: str) -> float:
-        """Dense peak TFLOP/s for a ``--precision`` ("bf16", or "32" for TF32)."""
-        return self.bf16 if precision == "bf16" else self.tf32
-
-
-# The first key a device's name contains wins (case aside), so the PCIe and NVL parts (lower clocks
-# and power) come before the SXM parts' plain names, and the 80 GB A100s (faster memory) before the
-# 40 GB ones. --peak-tflops overrides the MFU's peak, --roofline-tflops and --bandwidth the roofline's.
-GPUS = {
-    "H200 NVL": GPU(835.5, 417.5, 4.8),
-    "H200": GPU(989.4, 494.7, 4.8),
-    "H100 PCIe": GPU(756.5, 378.0, 2.0),
-    "H100 NVL": GPU(835.5, 417.5, 3.9),
-    "H100": GPU(989.4, 494.7, 3.35),
-    "A100 80GB PCIe": GPU(312.0, 156.0, 1.935),
-    "A100-SXM4-80GB": GPU(312.0, 156.0, 2.039),
-    "A100": GPU(312.0, 156.0, 1.555),
-}
 
 
 @dataclass
@@ -298,18 +271,8 @@ def convolutions_alone(calls: list, device: str) -> Callable[[], None]:
     return run
 
 
-def known_gpu(name: str) -> GPU | None:
-    """The :data:`GPUS` entry for a device name (``"NVIDIA H200"``, ``"H100 PCIe"``), or None."""
-    return next((gpu for key, gpu in GPUS.items() if key.lower() in name.lower()), None)
-
-
 def peak_tflops(device: str, precision: str, given: float | None) -> float | None:
-    if given is not None:
-        return given
-    if torch.device(device).type != "cuda":
-        return None
-    gpu = known_gpu(torch.cuda.get_device_name(torch.device(device)))
-    return None if gpu is None else gpu.peak(precision)
+    return given if given is not None else device_peak_tflops(device, precision)
 
 
 class RooflineGPU(NamedTuple):

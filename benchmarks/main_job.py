@@ -15,6 +15,7 @@ Other arguments go to ``glowlab fit`` (e.g. ``--threads 1``); ``--keep DIR`` kee
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import resource
@@ -46,11 +47,29 @@ def run(accelerator: str, variant: str, extra: list[str], wandb: bool, keep: Pat
         end = time.perf_counter()
         if result.returncode != 0:
             raise SystemExit(f"{variant} on {accelerator} failed:\n{result.stdout[-3000:]}{result.stderr[-3000:]}")
-        results = json.loads(next(Path(work, "runs", "digits").glob("version_*/test_results.json")).read_text())
+        run_dir = next(Path(work, "runs", "digits").glob("version_*/test_results.json")).parent
+        results = json.loads((run_dir / "test_results.json").read_text())
+        flops = last_logged(run_dir / "metrics.csv", ("throughput/tflops_per_sec_per_device", "throughput/mfu"))
         if keep is not None:
             shutil.copytree(work, keep / variant, dirs_exist_ok=True)
     peak_gib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20  # KiB -> GiB
-    return {"wall_s": end - start, "fit_s": end - fit_start, "test_bpd": results["test_bpd"], "peak_rss_gib": peak_gib}
+    return {
+        "wall_s": end - start,
+        "fit_s": end - fit_start,
+        "test_bpd": results["test_bpd"],
+        "peak_rss_gib": peak_gib,
+        "tflops_per_device": flops["throughput/tflops_per_sec_per_device"],
+        "mfu": flops["throughput/mfu"],
+    }
+
+
+def last_logged(metrics_csv: Path, names: tuple[str, ...]) -> dict[str, float | None]:
+    """The last value the run logged under each name in its ``metrics.csv`` (None: never logged)."""
+    last: dict[str, float | None] = dict.fromkeys(names)
+    with open(metrics_csv, newline="") as f:
+        for row in csv.DictReader(f):
+            last.update({name: float(row[name]) for name in names if row.get(name)})
+    return last
 
 
 def main() -> None:
@@ -67,11 +86,17 @@ def main() -> None:
         rows[variant] = row
         print(
             f"main job on {args.accelerator} ({variant}): {row['wall_s']:.1f} s in all, fit and test "
-            f"{row['fit_s']:.1f} s, test bits/dim {row['test_bpd']:.4f}, peak RSS {row['peak_rss_gib']:.2f} GiB",
+            f"{row['fit_s']:.1f} s, test bits/dim {row['test_bpd']:.4f}, peak RSS {row['peak_rss_gib']:.2f} GiB, "
+            f"model TFLOP/s {_figure(row['tflops_per_device'], '.4f')}, MFU {_figure(row['mfu'], '.2%')} "
+            "(the last window's)",
             flush=True,
         )
         if args.json:  # after each variant: a time limit that stops a later one keeps this one's figures
             Path(args.json).write_text(json.dumps(rows, indent=2, allow_nan=False))
+
+
+def _figure(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
 
 
 if __name__ == "__main__":

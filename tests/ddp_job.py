@@ -13,7 +13,7 @@ import lightning as L
 import torch
 from helpers import glow_module
 
-from glowlab.training import ShardDataModule
+from glowlab.training import ShardDataModule, Throughput
 
 
 class Recorder(L.Callback):
@@ -82,6 +82,7 @@ def main(
 
         model.losses = poisoned
     recorder = Recorder()
+    throughput = Throughput(window=5)  # its FLOPs count spans DDP's forward and backward pass
     trainer = L.Trainer(
         accelerator="cpu",
         devices=2,
@@ -93,10 +94,11 @@ def main(
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[recorder],
+        callbacks=[recorder, throughput],
     )
     trainer.fit(model, datamodule=data)
     train_bpd_epoch = float(trainer.callback_metrics["train_bpd_epoch"])
+    throughput_logged = sorted(k for k in trainer.callback_metrics if k.startswith("throughput/"))
     trainer.save_checkpoint(Path(out, "end.ckpt"))  # every process, as Lightning's checkpoints are written
     saved_means = torch.load(Path(out, "end.ckpt"), weights_only=False)["train_epoch_means"]
     test_bpd = trainer.test(model, datamodule=data, verbose=False)[0]["test_bpd"]
@@ -117,6 +119,8 @@ def main(
         "captured": model._graph is not None,
         "ddp_reduces": recorder.ddp_reduces,
         "skipped_steps": int(model.nonfinite.total),
+        "flops_per_image": throughput.flops_per_image,
+        "throughput_logged": throughput_logged,
     }
     Path(out, f"rank{rank}.json").write_text(json.dumps(record))
     if rank == 0:

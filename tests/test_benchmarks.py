@@ -241,7 +241,15 @@ def test_main_job_reports_its_wall_time_and_test_bpd(tmp_path) -> None:
     out = tmp_path / "main.json"
     cmd = [sys.executable, str(BENCHMARKS / "main_job.py"), "--no-wandb", "--json", str(out)]
     printed = subprocess.run(
-        [*cmd, "--trainer.max_steps", "10", "--trainer.check_val_every_n_epoch", "1"],
+        [
+            *cmd,
+            "--trainer.max_steps",
+            "24",
+            "--trainer.check_val_every_n_epoch",
+            "1",
+            "--trainer.log_every_n_steps",
+            "1",
+        ],
         check=True,
         capture_output=True,
         text=True,
@@ -249,6 +257,9 @@ def test_main_job_reports_its_wall_time_and_test_bpd(tmp_path) -> None:
     row = json.loads(out.read_text())["eager"]
     assert 0 < row["fit_s"] < row["wall_s"] and 2.0 < row["test_bpd"] < 6.0
     assert f"test bits/dim {row['test_bpd']:.4f}" in printed
+    # One window of Throughput's 20 steps after the counted batch: model TFLOP/s, and no MFU on a CPU.
+    assert row["tflops_per_device"] > 0 and row["mfu"] is None
+    assert f"model TFLOP/s {row['tflops_per_device']:.4f}, MFU - (the last window's)" in printed
 
 
 def test_gpu_check_runs_every_check_emulated_on_the_cpu() -> None:

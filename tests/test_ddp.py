@@ -69,6 +69,17 @@ def test_actnorm_initialisation_is_identical_on_every_rank(ddp_run) -> None:
     assert ranks[0]["parameters"] == ranks[1]["parameters"]
 
 
+def test_throughput_counts_the_same_flops_on_every_rank(ddp_run) -> None:
+    _, _, ranks = ddp_run
+    assert ranks[0]["flops_per_image"] == ranks[1]["flops_per_image"] > 0
+    logged = [
+        "throughput/images_per_sec",
+        "throughput/images_per_sec_per_device",
+        "throughput/tflops_per_sec_per_device",
+    ]
+    assert ranks[0]["throughput_logged"] == logged  # no peak known for a CPU: no MFU
+
+
 def test_captured_steps_train_as_ddp_does(ddp_run, tmp_path) -> None:
     """With cuda_graphs (the emulated capture), DDP's hook-based reduction is off and the module
     averages the gradients itself: the same parameters as the eager DDP run, bit for bit."""
@@ -79,6 +90,7 @@ def test_captured_steps_train_as_ddp_does(ddp_run, tmp_path) -> None:
     assert any("training step captured for batches of shape (8, 1, 8, 8)" in m for m in ranks[0]["messages"])
     assert ranks[0]["parameters"] == ranks[1]["parameters"] == eager[0]["parameters"]
     assert ranks[0]["test_bpd"] == eager[0]["test_bpd"]
+    assert ranks[0]["flops_per_image"] == eager[0]["flops_per_image"]  # counted on an eager step
 
 
 def test_compiled_and_captured_model_keeps_replicas_equal(ddp_run, tmp_path) -> None:

@@ -14,6 +14,7 @@ import torch._dynamo
 from helpers import glow_module, perturb
 from torch._dynamo.utils import counters
 from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.flop_counter import FlopCounterMode
 
 import glowlab.training.module as training_module
 from glowlab.dispatch import OperatorCounter
@@ -21,7 +22,7 @@ from glowlab.flows import ActNorm
 from glowlab.flows.base import FlowSequence, chain_forward, run_forward
 from glowlab.models import FlowStep, Glow, MultiscaleConfig
 from glowlab.optim import Adamax
-from glowlab.training import GlowModule
+from glowlab.training import GlowModule, Throughput
 from glowlab.training.capture import CapturedStep
 from glowlab.training.module import optimizer_with_warmup
 
@@ -342,6 +343,21 @@ def test_cuda_graph_training_matches_eager_training(caplog) -> None:
     messages = caplog.text
     assert "training step captured for batches of shape (16, 1, 8, 8)" in messages
     assert "a batch of shape (4, 1, 8, 8) runs eagerly" in messages  # the ragged last batch
+
+
+def test_throughput_counts_the_flops_of_an_eager_step_under_cuda_graphs() -> None:
+    """The first batch, counted for MFU, runs eagerly whether or not later ones replay a capture,
+    and its count is the plain forward and backward pass's (its ActNorm initialisation adds none)."""
+    counted = {}
+    for cuda_graphs in (False, True):
+        throughput = Throughput(window=2)
+        module = _train(cuda_graphs, callbacks=[throughput])
+        assert (module._graph is not None) == cuda_graphs
+        counted[cuda_graphs] = throughput.flops_per_image
+    x = torch.rand(16, *TINY["image_shape"], dtype=torch.float64) - 0.5
+    with FlopCounterMode(display=False) as flops:
+        module.losses(x, torch.arange(16) % 3)[0].backward()
+    assert counted[False] == counted[True] == flops.get_total_flops() / 16 > 0  # steady state: ActNorm initialised
 
 
 class FailingCapture(CapturedStep):

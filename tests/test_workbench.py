@@ -42,6 +42,7 @@ def test_a_logged_run_prints_plain_progress_lines_and_no_library_noise(logged_ru
     out = logged_run["fit"].stdout + logged_run["fit"].stderr
     assert "\r" not in out  # not a terminal: no carriage-return updates
     assert "glowlab: MultiscaleFlow with" in out and "20 steps" in out and "CPU thread(s)" in out
+    assert "glowlab: a training step is 0.007945 GFLOP an image (forward and backward" in out
     # One line at every tenth of the run, each with the step out of max_steps, time left and the loss.
     lines = [line for line in out.splitlines() if line.startswith("step ")]
     assert [line.split()[1] for line in lines][-1] == "20/20" and len(lines) >= 5

@@ -17,7 +17,9 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_only
 
+from glowlab.console import glowlab_logger
 from glowlab.files import write_atomic
+from glowlab.flops import StepFlops, device_peak_tflops
 from glowlab.images import sample_grid, save_sample_grid
 
 
@@ -128,22 +130,42 @@ class GlowCheckpoint(ModelCheckpoint):
 
 
 class Throughput(L.Callback):
-    """Logs training images/s, overall and per device, averaged over ``window`` optimizer steps.
+    """Logs training images/s and model FLOPs utilisation, averaged over ``window`` optimizer steps.
 
     Images are counted from the micro-batches each rank sees times the number of ranks; the time is
     wall clock between optimizer steps, so it includes data loading, forward, backward and the step.
     Validation within a window, and what runs with it (checkpoints, sample grids), is left out of
     the time: it would make a training rate depend on how often a run validates.
 
-    References: Kingma & Dhariwal, "Glow: Generative Flow with Invertible 1x1 Convolutions", 2018.
+    The FLOPs of the second training batch's forward and backward pass are counted once
+    (:class:`~glowlab.flops.StepFlops`): the first may initialise data-dependent layers (ActNorm),
+    and the first two of a process run eagerly whatever fast path follows (a replayed graph
+    dispatches nothing to count). The window restarts after the counted batch, which leaves the
+    counting's own cost out. Each window then also logs the model TFLOP/s per device,
+    ``throughput/tflops_per_sec_per_device``, and where the device's dense peak is known (the GPUs
+    of :data:`glowlab.flops.GPUS` at the run's precision, or ``peak_tflops``) the model FLOPs
+    utilisation ``throughput/mfu``, a fraction of that peak.
+
+    References: Chowdhery et al., "PaLM: Scaling Language Modeling with Pathways", 2022 (appendix B).
     """
 
-    def __init__(self, window: int = 20) -> None:
+    def __init__(self, window: int = 20, peak_tflops: float | None = None) -> None:
+        if peak_tflops is not None and not peak_tflops > 0:
+            raise ValueError(f"Throughput(peak_tflops={peak_tflops!r}): give the device's peak in TFLOP/s, above 0")
         self.window = window
+        self.peak_tflops = peak_tflops
         self._start: float | None = None
         self._images = 0
         self._steps = 0
         self._paused: float | None = None  # when validation within a window started
+        self._flops = StepFlops()
+        self._flops_tries = 0
+        self._batches = 0
+        self._counting_batch = False  # whether the batch under way is (or was to be) counted
+        self._counted_images = 0
+        self.flops_per_image: float | None = None  # once counted
+        self.mfu: float | None = None  # the last window's, where the peak is known
+        self._peak: float | None = None
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._start is not None and trainer.state.fn == "fit":  # not a validate() run after fit
@@ -155,13 +177,47 @@ class Throughput(L.Callback):
         if self._paused is not None and self._start is not None:
             self._start += time.perf_counter() - self._paused
         self._paused = None
+        # Counting costs the batch a Python call per operator; a batch without a backward pass
+        # (a step the module skipped) leaves the count to the next, twice at most.
+        self._batches += 1
+        if self._batches >= 2 and self.flops_per_image is None and self._flops_tries < 3:
+            self._flops_tries += 1
+            self._counting_batch = True
+            self._counted_images = batch[0].shape[0]
+            self._flops.start()
+
+    def on_after_backward(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self._flops.counting:
+            return
+        total = self._flops.stop()
+        if total == 0:  # nothing counted (no matrix product or convolution ran): no FLOPs figures
+            self._flops_tries = 3
+            return
+        self.flops_per_image = total / self._counted_images
+        self._peak = self.peak_tflops or device_peak_tflops(pl_module.device, trainer.precision)
+        on = pl_module.device
+        device = torch.cuda.get_device_name(on) if on.type == "cuda" else on.type
+        against = (
+            f"throughput/mfu against {self._peak:g} TFLOP/s ({device}, precision {trainer.precision})"
+            if self._peak
+            else f"no throughput/mfu: no dense peak known for {device} at precision {trainer.precision} "
+            "(Throughput's peak_tflops gives one)"
+        )
+        rank_zero_only(glowlab_logger().info)(
+            f"glowlab: a training step is {self.flops_per_image / 1e9:.4g} GFLOP an image "
+            f"(forward and backward, counted on the second batch); {against}"
+        )
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int
     ) -> None:
         now = time.perf_counter()
-        if self._start is None:  # the first batch includes start-up costs: measure from its end
-            self._start = now
+        counted, self._counting_batch = self._counting_batch, False
+        if self._flops.counting:
+            self._flops.stop()
+        # The first batch includes start-up costs, a counted one the counting: measure from its end.
+        if self._start is None or counted:
+            self._start, self._images, self._steps = now, 0, 0
             return
         self._images += batch[0].shape[0] * trainer.world_size
         if trainer.fit_loop._should_accumulate():
@@ -169,15 +225,22 @@ class Throughput(L.Callback):
         self._steps += 1
         if self._steps >= self.window:
             rate = self._images / (now - self._start)
-            pl_module.log("throughput/images_per_sec", rate, on_step=True, on_epoch=False, rank_zero_only=True)
-            pl_module.log(
-                "throughput/images_per_sec_per_device",
-                rate / trainer.world_size,
-                on_step=True,
-                on_epoch=False,
-                rank_zero_only=True,
-            )
+            values = {
+                "throughput/images_per_sec": rate,
+                "throughput/images_per_sec_per_device": rate / trainer.world_size,
+            }
+            if self.flops_per_image is not None:
+                per_device = values["throughput/images_per_sec_per_device"] * self.flops_per_image / 1e12
+                values["throughput/tflops_per_sec_per_device"] = per_device
+                if self._peak:
+                    self.mfu = values["throughput/mfu"] = per_device / self._peak
+            for name, value in values.items():
+                pl_module.log(name, value, on_step=True, on_epoch=False, rank_zero_only=True)
             self._start, self._images, self._steps = now, 0, 0
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if self._flops.counting:
+            self._flops.stop()
 
 
 PREEMPTED = "preempted.ckpt"

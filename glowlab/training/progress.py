@@ -12,6 +12,8 @@ import torch
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.utilities import rank_zero_only
 
+from glowlab.training.callbacks import Throughput
+
 
 def _clock(seconds: float) -> str:
     """``H:MM:SS``; ``?`` when not known."""
@@ -125,13 +127,16 @@ class RunProgress(ProgressBar):
             self._print(self._line(trainer, step, now))
 
     def _refresh(self, trainer: L.Trainer, now: float) -> str:
-        """The loss and images/s since the last refresh (one device read)."""
+        """The loss and images/s since the last refresh (one device read), and the last MFU ``Throughput`` logged."""
         metrics = trainer.progress_bar_metrics
         parts = [
             f"{name.removesuffix('_step')} {value:.3f}" for name, value in metrics.items() if name.endswith("_step")
         ]
         rate = self._images / max(now - self._images_since, 1e-9)
         parts.append(f"{rate:,.0f} img/s")
+        mfu = next((c.mfu for c in trainer.callbacks if isinstance(c, Throughput) and c.mfu is not None), None)
+        if mfu is not None:
+            parts.append(f"MFU {mfu:.1%}")
         self._images, self._images_since, self._last_refresh = 0, now, now
         self._status = ", ".join(parts)
         return self._status
