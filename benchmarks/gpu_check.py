@@ -36,6 +36,10 @@ the error's first line, and the other checks still run.
    by ``average_gradients`` against DDP's own averaged gradients of an eager step on the same
    batches (DDP's autograd hooks are registered during the capture, as in a run).
 
+10. model FLOPs and MFU: ``Throughput`` counts the same FLOPs an image in the eager and the
+    ``cuda_graphs`` Lightning runs (an eager step's, as the captured run's second batch is), and on
+    a GPU in its table logs the run's model FLOPs utilisation.
+
 ``--emulate`` runs the same script on the CPU, with a smaller model and the emulated capture
 (``CapturedStep(backend="emulated")``: the graph's bookkeeping, no graph) and operators counted
 instead of the sync debug mode: a check of the script itself before GPU time is spent on it.
@@ -62,8 +66,9 @@ import torch._dynamo
 from torch.utils.data import DataLoader, TensorDataset
 
 from glowlab.dispatch import OperatorCounter
+from glowlab.flops import device_peak_tflops
 from glowlab.models import MultiscaleConfig
-from glowlab.training import GlowModule
+from glowlab.training import GlowModule, Throughput
 from glowlab.training.capture import CapturedStep, average_gradients, first_line
 from glowlab.training.module import configure_clipping, optimizer_with_warmup
 
@@ -219,6 +224,7 @@ def train(**options) -> tuple[GlowModule, float]:
         persistent_workers=True,
         pin_memory=DEVICE == "cuda",
     )
+    glow.throughput = Throughput(window=5)  # its FLOPs count and MFU, for check_throughput
     trainer = L.Trainer(
         accelerator="gpu" if DEVICE == "cuda" else "cpu",
         devices=1,
@@ -228,15 +234,21 @@ def train(**options) -> tuple[GlowModule, float]:
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
+        callbacks=[glow.throughput],
     )
     start = time.perf_counter()
     trainer.fit(glow, train_dataloaders=data)
     return glow, time.perf_counter() - start
 
 
-def check_training(baseline: tuple[GlowModule, float], name: str, **options) -> None:
-    """A training run with ``options`` ends with the parameters of the ``baseline`` run."""
+def check_training(
+    baseline: tuple[GlowModule, float], name: str, runs: list[GlowModule] | None = None, **options
+) -> None:
+    """A training run with ``options`` ends with the parameters of the ``baseline`` run; the run
+    is added to ``runs`` when given."""
     (reference, reference_s), (glow, seconds) = baseline, train(**options)
+    if runs is not None:
+        runs.append(glow)
     worst = max(max_relative(a, b) for a, b in zip(glow.parameters(), reference.parameters(), strict=True))
     report(
         f"Lightning training with {name}",
@@ -244,6 +256,26 @@ def check_training(baseline: tuple[GlowModule, float], name: str, **options) -> 
         f"captured={glow._graph is not None}{f' ({glow._capture_error})' if glow._capture_error else ''}, max "
         f"relative parameter difference after 30 steps {worst:.2e}; fit {reference_s:.1f} s without graphs, "
         f"{seconds:.1f} s with",
+    )
+
+
+def check_throughput(eager: GlowModule, captured: list[GlowModule]) -> None:
+    """Throughput's FLOPs an image are the same in an eager and a ``cuda_graphs`` run, and on a GPU
+    whose peak glowlab knows the run logs an MFU."""
+    if not captured:
+        raise RuntimeError("the cuda_graphs run did not finish")
+    a, b = eager.throughput, captured[0].throughput
+    known = device_peak_tflops(DEVICE, "32-true") is not None
+    ok = a.flops_per_image is not None and a.flops_per_image == b.flops_per_image and (b.mfu is not None) == known
+
+    def mflop(counter: Throughput) -> str:
+        return "-" if counter.flops_per_image is None else f"{counter.flops_per_image / 1e6:.6g}"
+
+    mfu = "no MFU (no peak known for the device)" if b.mfu is None else f"MFU {b.mfu:.2%} in the captured run"
+    report(
+        "model FLOPs and MFU",
+        ok,
+        f"{mflop(a)} MFLOP an image counted in the eager run, {mflop(b)} in the captured one; {mfu}",
     )
 
 
@@ -466,7 +498,9 @@ def main() -> None:
     torch.backends.cudnn.deterministic = True
     attempt("Adamax skip on the device", check_adamax_skip)
     eager = train()
-    attempt("Lightning training with cuda_graphs", check_training, eager, "cuda_graphs", cuda_graphs=True)
+    captured: list[GlowModule] = []
+    attempt("Lightning training with cuda_graphs", check_training, eager, "cuda_graphs", captured, cuda_graphs=True)
+    attempt("model FLOPs and MFU", check_throughput, eager[0], captured)
     attempt("capture (compiled steps)", check_capture, "compiled steps", compile=True)
     attempt("capture (compiled steps, bf16)", check_capture, "compiled steps, bf16", precision="bf16", compile=True)
     torch._dynamo.reset()

@@ -269,10 +269,11 @@ def test_gpu_check_runs_every_check_emulated_on_the_cpu() -> None:
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     verdicts = [line for line in result.stdout.splitlines() if line.startswith(("PASS", "FAIL"))]
-    assert len(verdicts) == 18 and all(line.startswith("PASS") for line in verdicts), verdicts
+    assert len(verdicts) == 19 and all(line.startswith("PASS") for line in verdicts), verdicts
     assert "PASS sync-free training step (1x1 convolution by slogdet, additive): 0 operators of" in result.stdout
     assert "PASS Adamax skip on the device: steps without a host synchronisation True; the poisoned" in result.stdout
-    assert "all 18 checks passed" in result.stdout
+    assert "PASS model FLOPs and MFU: " in result.stdout and "no MFU (no peak known for the device)" in result.stdout
+    assert "all 19 checks passed" in result.stdout
 
 
 def test_gpu_check_counts_a_nan_difference_as_the_largest() -> None:
