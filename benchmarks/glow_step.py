@@ -55,10 +55,9 @@ from memory import current_rss_mib, live_memory_env, peak_rss_mib, reset_peak_rs
 from roofline import KernelTally, Roofline
 from timing import timed
 from torch import Tensor, nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from glowlab.dispatch import OperatorCounter
-from glowlab.flops import GPUS, device_peak_tflops, known_gpu
+from glowlab.flops import GPUS, FlopCount, device_peak_tflops, known_gpu
 from glowlab.training.capture import first_line
 
 CONFIGS = {
@@ -195,9 +194,9 @@ def forward_backward(
 
 def count_flops(impl: Implementation, x: Tensor, device: str, precision: str) -> int:
     """FLOPs of one forward and backward pass (matrix products and convolutions)."""
-    flops = FlopCounterMode(display=False)
+    flops = FlopCount()  # the count training runs log their MFU with
     forward_backward(impl, x, device, precision, flops)
-    return flops.get_total_flops()
+    return flops.total
 
 
 def convolution_share(impl: Implementation, device: str, steps: int) -> tuple[float, list[tuple[str, float]]]:

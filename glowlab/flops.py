@@ -1,9 +1,9 @@
 """Model FLOPs utilisation: a training step's FLOPs against the dense peak of the GPU that runs it.
 
 The FLOPs are those ``torch.utils.flop_counter``'s formulas give the matrix products and
-convolutions of one eager forward and backward pass (:class:`StepFlops`); the peaks are NVIDIA's data-sheet figures
-for dense (not sparse) tensor-core arithmetic (:data:`GPUS`). MFU is then achieved FLOP/s over the
-peak, the figure a run can be compared by across models, batch sizes and machines.
+convolutions of one eager forward and backward pass (:class:`StepFlops`); the peaks are NVIDIA's
+data-sheet figures for dense (not sparse) tensor-core arithmetic (:data:`GPUS`). MFU is achieved
+FLOP/s over that peak, a figure that compares runs across models, batch sizes and machines.
 
 References: Chowdhery et al., "PaLM: Scaling Language Modeling with Pathways", 2022 (appendix B).
 """
@@ -51,8 +51,8 @@ def known_gpu(name: str) -> GPU | None:
 
 
 def precision_kind(precision: str) -> str | None:
-    """ "bf16", "16" or "32" for a Lightning precision ("bf16-mixed", "16-mixed", "32-true") or a
-    benchmark's ("bf16", "32"); None for one the table has no peak for (float64)."""
+    """The kind of arithmetic, "bf16", "16" or "32", of a Lightning precision ("bf16-mixed",
+    "16-mixed", "32-true") or a benchmark's ("bf16", "32"); None for one without a listed peak (float64)."""
     kind = str(precision).split("-")[0]
     return kind if kind in ("bf16", "16", "32") else None
 
