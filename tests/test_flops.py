@@ -151,6 +151,9 @@ def test_throughput_counts_a_compiled_model_eagerly_and_leaves_it_compiled() -> 
     assert counters["stats"]["unique_graphs"] == 1  # compiled after the counted batch, once
 
 
-def test_throughput_refuses_a_peak_that_is_not_positive() -> None:
+def test_throughput_refuses_a_window_or_peak_that_is_not_positive() -> None:
     with pytest.raises(ValueError, match=r"Throughput\(peak_tflops=0\)"):
         Throughput(peak_tflops=0)
+    for window in (0, -3, 2.5):
+        with pytest.raises(ValueError, match=rf"Throughput\(window={window}\): give a number of optimizer steps"):
+            Throughput(window=window)

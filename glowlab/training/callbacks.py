@@ -150,6 +150,8 @@ class Throughput(L.Callback):
     """
 
     def __init__(self, window: int = 20, peak_tflops: float | None = None) -> None:
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+            raise ValueError(f"Throughput(window={window!r}): give a number of optimizer steps, 1 or more")
         if peak_tflops is not None and not peak_tflops > 0:
             raise ValueError(f"Throughput(peak_tflops={peak_tflops!r}): give the device's peak in TFLOP/s, above 0")
         self.window = window
