@@ -2,8 +2,9 @@
 
 Each variant runs ``glowlab prepare digits`` into a fresh folder and ``glowlab fit --config
 configs/digits.yaml`` (2000 steps, batch 64, test of the best checkpoint) in a fresh process and
-reports its wall time, the fit's wall time alone, the test bits/dim and the peak RSS of the largest
-process so far (``ru_maxrss`` of the finished children). ``--accelerator gpu`` runs
+reports its wall time, the fit's wall time alone, the test bits/dim, the peak RSS of the largest
+process so far (``ru_maxrss`` of the finished children) and the model TFLOP/s per device and MFU
+of the last window ``Throughput`` logged (no MFU where no peak is known). ``--accelerator gpu`` runs
 the same job on one GPU; ``--variant cuda_graphs`` adds ``--model.cuda_graphs true``, ``compile``
 adds ``--model.compile true``. ``--no-wandb`` keeps only the CSV logger (for machines without wandb).
 Other arguments go to ``glowlab fit`` (e.g. ``--threads 1``); ``--keep DIR`` keeps the run.
