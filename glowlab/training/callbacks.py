@@ -129,6 +129,9 @@ class GlowCheckpoint(ModelCheckpoint):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
 
+FLOP_COUNT_TRIES = 3  # training batches Throughput tries to count FLOPs on, from the second
+
+
 class Throughput(L.Callback):
     """Logs training images/s and model FLOPs utilisation, averaged over ``window`` optimizer steps.
 
@@ -182,7 +185,7 @@ class Throughput(L.Callback):
         # Counting costs the batch a Python call per operator; a batch without a backward pass
         # (a step the module skipped) leaves the count to the next, twice at most.
         self._batches += 1
-        if self._batches >= 2 and self.flops_per_image is None and self._flops_tries < 3:
+        if self._batches >= 2 and self.flops_per_image is None and self._flops_tries < FLOP_COUNT_TRIES:
             self._flops_tries += 1
             self._counting_batch = True
             self._counted_images = batch[0].shape[0]
@@ -193,7 +196,7 @@ class Throughput(L.Callback):
             return
         total = self._flops.stop()
         if total == 0:  # nothing counted (no matrix product or convolution ran): no FLOPs figures
-            self._flops_tries = 3
+            self._flops_tries = FLOP_COUNT_TRIES
             return
         self.flops_per_image = total / self._counted_images
         self._peak = self.peak_tflops or device_peak_tflops(pl_module.device, trainer.precision)
@@ -207,7 +210,7 @@ class Throughput(L.Callback):
         )
         rank_zero_only(glowlab_logger().info)(
             f"glowlab: a training step is {self.flops_per_image / 1e9:.4g} GFLOP an image "
-            f"(forward and backward, counted on the second batch); {against}"
+            f"(forward and backward, counted on training batch {self._batches}); {against}"
         )
 
     def on_train_batch_end(
