@@ -25,14 +25,15 @@ FLOPS_PER_IMAGE = 4 * D * D
 
 
 class Linear(L.LightningModule):
-    def __init__(self, skip_first: bool = False, compiled: bool = False) -> None:
+    def __init__(self, skip_first: bool = False, compiled: bool = False, skip_second: bool = False) -> None:
         super().__init__()
         self.layer = nn.Linear(D, D, bias=False)
         self.skip_first = skip_first
+        self.skip_second = skip_second
         self.compiled = torch.compile(self.layer.forward) if compiled else None
 
     def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor | None:
-        if self.skip_first and batch_idx == 0:
+        if (self.skip_first and batch_idx == 0) or (self.skip_second and batch_idx == 1):
             return None  # no backward pass this batch
         run = self.compiled or self.layer
         return run(batch[0]).square().mean()
@@ -136,10 +137,12 @@ def test_throughput_without_a_known_peak_logs_no_mfu(caplog: pytest.LogCaptureFi
     assert "no throughput/mfu: no dense peak known for cpu at precision 32-true" in caplog.text
 
 
-def test_throughput_counts_the_next_batch_when_the_first_has_no_backward_pass() -> None:
+def test_throughput_counts_the_next_batch_when_the_first_has_no_backward_pass(caplog: pytest.LogCaptureFixture) -> None:
     throughput = Throughput(window=2)
-    fit(Linear(skip_first=True), throughput)
+    with caplog.at_level(logging.INFO, logger="glowlab"):
+        fit(Linear(skip_first=True, skip_second=True), throughput)
     assert throughput.flops_per_image == FLOPS_PER_IMAGE and not throughput._flops.counting
+    assert "(forward and backward, counted on training batch 3)" in caplog.text
 
 
 def test_throughput_counts_a_compiled_model_eagerly_and_leaves_it_compiled() -> None:
